@@ -10,7 +10,7 @@ $(BIN)/activate:
 	$(BIN)/pip install -q --upgrade pip
 	# The CPU build; a looser spec would pull gigabytes of CUDA packages.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev]' --config-settings editable_mode=compat
 	touch $(BIN)/activate
 
 venv: $(BIN)/activate

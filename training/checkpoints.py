@@ -1,0 +1,93 @@
+"""Checkpoint files on disk: atomic writes of the models/ checkpoint format, and resumable training state.
+
+The training state (optimizer moments, RNG states, position) lives in a second safetensors file beside
+the checkpoint, ``CKPT.state.safetensors``, so the checkpoint itself stays a clean model file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from models.checkpoint import CheckpointError, from_bytes, to_bytes, with_card
+from models.networks import IWAE
+
+STATE_FORMAT = "iwae-serve-train-state/1"
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write via a temporary file and rename, so an interrupted write never leaves a half file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(path: Path, model: IWAE, card: dict[str, Any], data_mean: torch.Tensor | None) -> None:
+    atomic_write(path, to_bytes(model, card, data_mean))
+
+
+def read_bytes(path: Path) -> bytes:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    return path.read_bytes()
+
+
+def load_checkpoint(path: Path) -> tuple[IWAE, dict[str, Any], torch.Tensor | None]:
+    return from_bytes(read_bytes(path), source=str(path))
+
+
+def update_card(path: Path, updates: dict[str, Any]) -> None:
+    atomic_write(path, with_card(read_bytes(path), updates, source=str(path)))
+
+
+def state_path(ckpt: Path) -> Path:
+    return ckpt.with_name(ckpt.name.removesuffix(".safetensors") + ".state.safetensors")
+
+
+def save_train_state(
+    path: Path, optimizer: torch.optim.Optimizer, rng: dict[str, torch.Tensor], meta: dict[str, Any]
+) -> None:
+    """Optimizer moments as tensors ``opt.{param}.{key}``, RNG states as ``rng.{name}``, the rest as JSON."""
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    for idx, st in sd["state"].items():
+        for key, value in st.items():
+            tensors[f"opt.{idx}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    for name, value in rng.items():
+        tensors[f"rng.{name}"] = value.detach().cpu().contiguous()
+    metadata = {"format": STATE_FORMAT, "meta": json.dumps(meta), "param_groups": json.dumps(sd["param_groups"])}
+    atomic_write(path, st_save(tensors, metadata=metadata))
+
+
+def load_train_state(
+    path: Path, optimizer: torch.optim.Optimizer
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Restore the optimizer in place; return (RNG states, meta)."""
+    data = read_bytes(path)
+    try:
+        tensors = st_load(data)
+        n = int.from_bytes(data[:8], "little")
+        header_meta = json.loads(data[8 : 8 + n]).get("__metadata__", {})
+    except (SafetensorError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: unreadable training state (corrupt or truncated?): {e}") from e
+    if header_meta.get("format") != STATE_FORMAT:
+        raise CheckpointError(f"{path}: not a training-state file (format {header_meta.get('format')!r})")
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    rng: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        kind, rest = name.split(".", 1)
+        if kind == "rng":
+            rng[rest] = t
+        else:
+            idx, key = rest.split(".", 1)
+            state.setdefault(int(idx), {})[key] = t
+    optimizer.load_state_dict({"state": state, "param_groups": json.loads(header_meta["param_groups"])})
+    return rng, json.loads(header_meta["meta"])

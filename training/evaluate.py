@@ -1,0 +1,102 @@
+"""Evaluation over a data set: mean L_k with its standard error, the ELBO, and active units."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm import tqdm
+
+from models.engine import bound_stats, engine_log_weights, rows_for_budget
+from models.networks import IWAE
+
+ACTIVE_UNIT_THRESHOLD = 1e-2
+DEFAULT_MEMORY_BYTES = 512 * 2**20
+
+
+@dataclass
+class EvalResult:
+    k: int
+    n_images: int
+    loglik: float  # mean L_k over images (nats)
+    loglik_stderr: float  # standard error of that mean over the data set
+    mc_stderr: float  # root mean square of the per-image Monte Carlo standard errors
+    elbo: float  # mean ELBO from the same samples
+    seconds: float
+    per_image: torch.Tensor = field(repr=False)  # [N] L_k of each image
+
+    def to_dict(self) -> dict[str, float | int]:
+        return {
+            "k": self.k,
+            "n_images": self.n_images,
+            "loglik": self.loglik,
+            "nll": -self.loglik,
+            "loglik_stderr": self.loglik_stderr,
+            "mc_stderr": self.mc_stderr,
+            "elbo": self.elbo,
+            "seconds": round(self.seconds, 2),
+        }
+
+
+def images_per_batch(model: IWAE, k: int, memory_bytes: int, cap: int = 256) -> int:
+    """Images per engine call so that the noise tensors take at most a quarter of the budget."""
+    noise_bytes_per_image = k * sum(model.config.latent_dims) * 4
+    return max(1, min(cap, (memory_bytes // 4) // noise_bytes_per_image))
+
+
+def evaluate_dataset(
+    model: IWAE,
+    x: torch.Tensor,
+    k: int,
+    seed: int = 0,
+    memory_bytes: int = DEFAULT_MEMORY_BYTES,
+    progress: bool = False,
+) -> EvalResult:
+    """L_k of every image of x [N, D] (already binary), in memory-bounded chunks over images and samples.
+
+    Noise is drawn on the CPU from one generator seeded with ``seed``, batch after batch, so a data set
+    that fits in one batch gets exactly the service's answer for the same seed.
+    """
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    per_batch = images_per_batch(model, k, memory_bytes)
+    chunk_rows = rows_for_budget(model, memory_bytes // 2)
+    lls, mcs, elbos = [], [], []
+    start = time.perf_counter()
+    with tqdm(total=x.shape[0], unit="img", disable=not progress, desc=f"L_{k}") as bar:
+        for i in range(0, x.shape[0], per_batch):
+            xb = x[i : i + per_batch].to(device, torch.float32)
+            noise = [n.to(device) for n in model.draw_noise(k, xb.shape[0], generator=gen)]
+            stats = bound_stats(engine_log_weights(model, xb, noise, chunk_rows=chunk_rows))
+            lls.append(stats.loglik.cpu())
+            mcs.append(stats.stderr.cpu())
+            elbos.append(stats.elbo.cpu())
+            bar.update(xb.shape[0])
+    ll, mc, el = torch.cat(lls).double(), torch.cat(mcs).double(), torch.cat(elbos).double()
+    n = ll.numel()
+    se = float(ll.std() / math.sqrt(n)) if n > 1 else float("nan")
+    return EvalResult(
+        k=k,
+        n_images=n,
+        loglik=float(ll.mean()),
+        loglik_stderr=se,
+        mc_stderr=float(torch.sqrt((mc.nan_to_num(0.0) ** 2).mean())),
+        elbo=float(el.mean()),
+        seconds=time.perf_counter() - start,
+        per_image=ll,
+    )
+
+
+@torch.no_grad()
+def active_unit_stats(model: IWAE, x: torch.Tensor, seed: int = 0, samples: int = 100) -> list[torch.Tensor]:
+    """A_u = Var_x(E_q[u | x]) for every unit of every stochastic layer: list of [d_l] (float64)."""
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    means = model.posterior_means(x.to(device, torch.float32), samples=samples, generator=gen)
+    return [m.double().var(dim=0, unbiased=True).cpu() for m in means]
+
+
+def count_active(a_u: list[torch.Tensor], threshold: float = ACTIVE_UNIT_THRESHOLD) -> list[int]:
+    return [int((a > threshold).sum()) for a in a_u]

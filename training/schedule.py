@@ -1,0 +1,73 @@
+"""Learning-rate schedules: the paper's 3^i schedule and its compression to an epoch budget."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PAPER_STAGES = 8
+PAPER_BASE_LR = 1e-3
+
+
+def paper_stage_lengths() -> list[int]:
+    """Stage i lasts 3^i epochs: 1, 3, ..., 2187 (3,280 in all)."""
+    return [3**i for i in range(PAPER_STAGES)]
+
+
+def paper_stage_lr(i: int) -> float:
+    """Stage i runs at 0.001 · 10^(-i/7)."""
+    return PAPER_BASE_LR * 10.0 ** (-i / 7.0)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A piecewise-constant learning rate over training progress measured in epochs.
+
+    ``paper``: the paper's 3,280 epochs. ``compressed``: the same 8 stages at the same rates, with lengths
+    proportional to 3^i scaled to ``epochs`` (a stage may then span a fraction of an epoch: the rate is
+    looked up per step). ``constant``: ``lr`` throughout.
+    """
+
+    name: str
+    epochs: int
+    lr: float = PAPER_BASE_LR
+
+    def __post_init__(self) -> None:
+        if self.name not in ("paper", "compressed", "constant"):
+            raise ValueError(f"unknown schedule {self.name!r}; choose paper, compressed or constant")
+        if self.name == "paper" and self.epochs != sum(paper_stage_lengths()):
+            raise ValueError(f"the paper schedule is {sum(paper_stage_lengths())} epochs, got {self.epochs}")
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+
+    @classmethod
+    def paper(cls) -> Schedule:
+        return cls("paper", sum(paper_stage_lengths()))
+
+    def stage_bounds(self) -> list[float]:
+        """Epoch at which each stage ends (the last is ``epochs``)."""
+        lengths = paper_stage_lengths()
+        scale = self.epochs / sum(lengths)
+        ends, total = [], 0
+        for n in lengths:
+            total += n
+            ends.append(total * scale)
+        return ends
+
+    def lr_at(self, progress: float) -> float:
+        """The learning rate after ``progress`` epochs (fractional)."""
+        if self.name == "constant":
+            return self.lr
+        for i, end in enumerate(self.stage_bounds()):
+            if progress < end:
+                return paper_stage_lr(i)
+        return paper_stage_lr(PAPER_STAGES - 1)
+
+    def describe(self) -> dict[str, object]:
+        d: dict[str, object] = {"name": self.name, "epochs": self.epochs}
+        if self.name == "constant":
+            d["lr"] = self.lr
+        else:
+            d["stages"] = [
+                {"until_epoch": round(end, 4), "lr": paper_stage_lr(i)} for i, end in enumerate(self.stage_bounds())
+            ]
+        return d
