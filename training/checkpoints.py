@@ -67,9 +67,7 @@ def save_train_state(
     atomic_write(path, st_save(tensors, metadata=metadata))
 
 
-def load_train_state(
-    path: Path, optimizer: torch.optim.Optimizer
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def load_train_state(path: Path, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Restore the optimizer in place; return (RNG states, meta)."""
     data = read_bytes(path)
     try:

@@ -83,7 +83,9 @@ def _cmd_train(a: argparse.Namespace) -> int:
     try:
         card = train(cfg)
     except KeyboardInterrupt:
-        print(f"\ninterrupted: state saved; continue with the same command plus --resume (out {a.out})", file=sys.stderr)
+        print(
+            f"\ninterrupted: state saved; continue with the same command plus --resume (out {a.out})", file=sys.stderr
+        )
         return 130
     print(json.dumps({"out": str(a.out), "epochs": card["epochs"], "wall_time_s": card.get("wall_time_s")}))
     return 0
@@ -156,7 +158,9 @@ def _cmd_serve(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="iwae", description="Importance weighted autoencoders: train, evaluate, serve.")
+    parser = argparse.ArgumentParser(
+        prog="iwae", description="Importance weighted autoencoders: train, evaluate, serve."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
     _add_eval(sub)

@@ -149,12 +149,15 @@ def train(cfg: TrainConfig, data: Dataset | None = None) -> dict[str, Any]:
             torch.cuda.set_rng_state(rng["cuda"], device)
         sums = meta["sums"]
 
-    def save(epoch: int, step: int) -> None:
-        card.update(epochs=epoch, wall_time_s=round(wall + time.perf_counter() - t0, 1), hardware=hardware(device))
-        save_checkpoint(cfg.out, model, card, data.train_mean)
+    def rng_states() -> dict[str, torch.Tensor]:
         rng = {"torch": torch.get_rng_state(), "binarize": bin_gen.get_state()}
         if device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(device)
+        return rng
+
+    def save(epoch: int, step: int, rng: dict[str, torch.Tensor]) -> None:
+        card.update(epochs=epoch, wall_time_s=round(wall + time.perf_counter() - t0, 1), hardware=hardware(device))
+        save_checkpoint(cfg.out, model, card, data.train_mean)
         meta = {"epoch": epoch, "step": step, "sums": sums, "wall_time_s": card["wall_time_s"]}
         save_train_state(state_path(cfg.out), opt, rng, meta)
 
@@ -165,8 +168,11 @@ def train(cfg: TrainConfig, data: Dataset | None = None) -> dict[str, Any]:
         perm = torch.randperm(train_x.shape[0], generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
         steps = range(start_step if epoch == start_epoch else 0, steps_per_epoch)
         bar = tqdm(steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress, leave=False)
+        step, step_rng = steps.start, rng_states()
         try:
             for step in bar:
+                # The state before this step's random draws, so an interrupt can resume at this very step.
+                step_rng = rng_states()
                 idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
                 xb = train_x[idx]
                 xb = (binarize(xb, bin_gen) if dynamic else xb).to(device)
@@ -179,10 +185,10 @@ def train(cfg: TrainConfig, data: Dataset | None = None) -> dict[str, Any]:
                 sums["bound"] += float(bound.mean())
                 sums["steps"] += 1
                 if time.perf_counter() - last_save > 60 * cfg.checkpoint_minutes:
-                    save(epoch, step + 1)
+                    save(epoch, step + 1, rng_states())
                     last_save = time.perf_counter()
         except KeyboardInterrupt:
-            save(epoch, step)
+            save(epoch, step, step_rng)
             raise
         bar.close()
         model.eval()
@@ -202,15 +208,13 @@ def train(cfg: TrainConfig, data: Dataset | None = None) -> dict[str, Any]:
         if cfg.progress:
             print(json.dumps(record), file=sys.stderr, flush=True)
         card[f"valid_L{cfg.val_k}"] = val.loglik
-        save(epoch + 1, 0)
+        save(epoch + 1, 0, rng_states())
         last_save = time.perf_counter()
     model.eval()
     return card
 
 
-def _initial_state(
-    cfg: TrainConfig, data: Dataset, schedule: Schedule
-) -> tuple[IWAE, dict[str, Any], int, int, float]:
+def _initial_state(cfg: TrainConfig, data: Dataset, schedule: Schedule) -> tuple[IWAE, dict[str, Any], int, int, float]:
     """(model, card, epoch, step, wall time so far) for a fresh, resumed or initialised run."""
     if cfg.resume and cfg.out.exists() and state_path(cfg.out).exists():
         model, card, _ = load_checkpoint(cfg.out)

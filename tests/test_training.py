@@ -1,0 +1,176 @@
+"""The training loop, schedules, resume, the eval command and the CLI's error handling."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.checkpoint import CheckpointError
+from models.engine import bound_stats, engine_log_weights
+from models.estimators import ESTIMATORS
+from training import train as train_mod
+from training.checkpoints import load_checkpoint, state_path
+from training.cli import main as cli_main
+from training.datasets import Dataset, binarize, data_dir, load_dataset, subset
+from training.schedule import Schedule, paper_stage_lr
+from training.train import TrainConfig, log_path, train
+
+MNIST_DIR = data_dir() / "mnist"
+needs_mnist = pytest.mark.skipif(
+    not any(MNIST_DIR.glob("train-images-idx3-ubyte*")), reason=f"real MNIST not in {MNIST_DIR}"
+)
+
+
+def synthetic_dataset(n: int = 200, seed: int = 0) -> Dataset:
+    """Noisy copies of four prototypes: learnable in a few steps."""
+    g = torch.Generator().manual_seed(seed)
+    protos = (torch.rand(4, 784, generator=g) < 0.3).float() * 0.9 + 0.05
+    x = protos[torch.randint(0, 4, (n,), generator=g)]
+    x = (x + 0.05 * torch.rand(x.shape, generator=g)).clamp(0, 1)
+    return Dataset("mnist", x[: n - 40], x[n - 40 : n - 20], x[n - 20 :], "dynamic", x[: n - 40].mean(0), "synthetic")
+
+
+def test_compressed_schedule_keeps_the_paper_stages_in_proportion() -> None:
+    paper = Schedule.paper()
+    assert paper.epochs == 3280
+    assert paper.stage_bounds()[0] == 1 and paper.stage_bounds()[-1] == 3280
+    small = Schedule("compressed", 328)
+    lengths = torch.diff(torch.tensor([0.0, *small.stage_bounds()]))
+    assert torch.allclose(lengths, torch.tensor([3.0**i / 10 for i in range(8)], dtype=lengths.dtype))
+    assert small.lr_at(0.0) == pytest.approx(1e-3)
+    assert small.lr_at(327.9) == pytest.approx(1e-4)
+    assert small.lr_at(0.35) == pytest.approx(paper_stage_lr(1))  # stage 1 spans [0.1, 0.4)
+    with pytest.raises(ValueError, match="unknown schedule"):
+        Schedule("cosine", 10)
+
+
+@pytest.mark.parametrize(
+    ("objective", "estimator", "match"),
+    [("vae", "dreg", "does not estimate"), ("iwae", "vae", "does not estimate"), ("elbo", None, "objective")],
+)
+def test_train_config_rejects_inconsistent_choices(objective: str, estimator: str | None, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(out=Path("x.safetensors"), objective=objective, estimator=estimator)
+
+
+def test_interrupted_run_resumes_to_the_same_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = synthetic_dataset()
+    common = dict(k=3, epochs=2, batch_size=20, seed=3, val_k=5, progress=False, device="cpu")
+    straight = tmp_path / "straight.safetensors"
+    train(TrainConfig(out=straight, **common), data)
+
+    # Interrupt in the middle of the second epoch, after a mid-epoch checkpoint.
+    interrupted = tmp_path / "resumed.safetensors"
+    real = ESTIMATORS["iwae"]
+    calls = {"n": 0}
+
+    def flaky(model, x, k):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == 12:
+            raise KeyboardInterrupt
+        return real(model, x, k)
+
+    monkeypatch.setitem(ESTIMATORS, "iwae", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(out=interrupted, checkpoint_minutes=0.0, **common), data)
+    monkeypatch.setitem(ESTIMATORS, "iwae", real)
+    assert state_path(interrupted).exists()
+    card = train(TrainConfig(out=interrupted, resume=True, **common), data)
+
+    assert card["epochs"] == 2
+    a, _, _ = load_checkpoint(straight)
+    b, _, _ = load_checkpoint(interrupted)
+    for (name, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert torch.equal(pa, pb), name
+    lines = log_path(interrupted).read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+
+
+def test_init_from_starts_from_the_given_weights(tmp_path: Path) -> None:
+    data = synthetic_dataset()
+    base = tmp_path / "base.safetensors"
+    train(TrainConfig(out=base, k=1, objective="vae", epochs=1, val_k=5, progress=False), data)
+    tuned = tmp_path / "tuned.safetensors"
+    card = train(
+        TrainConfig(out=tuned, k=5, epochs=1, val_k=5, progress=False, init_from=base, schedule="constant", lr=1e-12),
+        data,
+    )
+    assert card["init_from"]["from"] == "base.safetensors" and card["init_from"]["card"]["objective"] == "vae"
+    a, _, _ = load_checkpoint(base)
+    b, _, _ = load_checkpoint(tuned)
+    # A learning rate of 1e-12 leaves the weights where --init-from put them.
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.allclose(pa, pb, atol=1e-8)
+
+
+@needs_mnist
+def test_short_training_on_real_mnist_lowers_validation_nll(tmp_path: Path) -> None:
+    data = subset(load_dataset("mnist"), 3000)
+    from models.config import ModelConfig
+    from models.networks import IWAE
+    from training.evaluate import evaluate_dataset
+
+    torch.manual_seed(0)
+    valid = binarize(data.valid, torch.Generator().manual_seed(train_mod.VALID_BINARIZATION_SEED))
+    before = evaluate_dataset(IWAE(ModelConfig.paper(1), data_mean=data.train_mean), valid, 100).loglik
+    cfg = TrainConfig(out=tmp_path / "m.safetensors", k=5, epochs=3, schedule="constant", lr=1e-3, progress=False)
+    card = train(cfg, data)
+    after = card["valid_L100"]
+    assert after > before + 25.0, (before, after)
+
+
+@needs_mnist
+def test_eval_command_matches_the_engine_and_updates_the_card(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    ckpt = tmp_path / "m.safetensors"
+    train(TrainConfig(out=ckpt, k=2, epochs=1, max_train_images=400, val_k=5, progress=False), load_dataset("mnist"))
+    hist = tmp_path / "au.png"
+    args = ["eval", str(ckpt), "--k", "64", "--max-images", "12", "--seed", "7", "--json", "--update-card"]
+    assert cli_main([*args, "--histogram", str(hist), "--no-progress", "--au-images", "50"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["n_images"] == 12 and out["k"] == 64 and hist.stat().st_size > 0
+
+    # The same numbers straight from the engine: same images, binarization and noise convention.
+    model, card, _ = load_checkpoint(ckpt)
+    x = binarize(load_dataset("mnist").test, torch.Generator().manual_seed(7))[:12]
+    noise = model.draw_noise(64, 12, generator=torch.Generator().manual_seed(7))
+    stats = bound_stats(engine_log_weights(model, x, noise))
+    assert out["loglik"] == pytest.approx(float(stats.loglik.double().mean()), abs=1e-4)
+    assert out["elbo"] == pytest.approx(float(stats.elbo.double().mean()), abs=1e-4)
+    assert card["eval"]["test"]["loglik"] == out["loglik"]
+    assert len(card["eval"]["test"]["active_units"]) == 1
+
+
+def test_cli_reports_bad_input_without_traceback(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert cli_main(["eval", str(tmp_path / "missing.safetensors")]) == 2
+    assert "no such checkpoint file" in capsys.readouterr().err
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    assert cli_main(["eval", str(bad)]) == 2
+    assert "bad.safetensors" in capsys.readouterr().err
+    code = cli_main(["train", "--objective", "vae", "--estimator", "dreg", "--epochs", "1", "--out", str(bad)])
+    assert code == 2 and "does not estimate" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli_main(["train", "--k", "0", "--epochs", "1", "--out", str(bad)])
+    assert "positive integer" in capsys.readouterr().err
+
+
+def test_plot_log_draws_the_curves(tmp_path: Path) -> None:
+    from PIL import Image
+
+    log = tmp_path / "run.log.jsonl"
+    log.write_text("\n".join(json.dumps({"epoch": e, "train_bound": -100 + e, "valid_L100": -95 + e}) for e in (1, 2)))
+    out = tmp_path / "curves.png"
+    assert cli_main(["plot-log", str(log), "--out", str(out)]) == 0
+    with Image.open(out) as im:
+        assert im.format == "PNG" and im.width > 500
+    empty = tmp_path / "empty.log.jsonl"
+    empty.write_text("")
+    assert cli_main(["plot-log", str(empty)]) == 2
+
+
+def test_load_checkpoint_names_a_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        load_checkpoint(tmp_path / "nope.safetensors")
