@@ -165,19 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_eval(sub)
     _add_plot_log(sub)
-    try:
-        from training import datacmd
-    except ImportError:  # TEMPORARY until datacmd lands
-        pass
-    else:
-        datacmd.add_parser(sub)
+    from training import datacmd, reproduce
+
+    datacmd.add_parser(sub)
+    reproduce.add_parser(sub)
     _add_serve(sub)
-    try:
-        from training import reproduce
-    except ImportError:
-        pass
-    else:
-        reproduce.add_parser(sub)
     return parser
 
 
