@@ -1,0 +1,110 @@
+"""Response models: the JSON the service returns (they also document it in the OpenAPI schema at /docs)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class ErrorResponse(BaseModel):
+    error: str = Field(description="Machine-readable error code, e.g. `not_binary`, `unknown_model`, `queue_full`.")
+    detail: str = Field(description="What is wrong, naming the offending parameter, image or limit.")
+
+
+class ImageLoglik(BaseModel):
+    loglik: float = Field(description="L_k estimate of log p(x), nats.")
+    stderr: float | None = Field(
+        description="Monte Carlo standard error of `loglik` (delta method on the same k weights; null for k = 1)."
+    )
+    ess: float = Field(description="Effective sample size of the normalised importance weights, in [1, k].")
+    elbo: float = Field(description="ELBO (mean log weight) from the same k samples, nats.")
+    bits_per_dim: float = Field(description="-loglik / (x_dim · ln 2).")
+
+
+class LoglikResponse(BaseModel):
+    model: str
+    k: int
+    seed: int = Field(description="The seed used (the one sent, or a random one): send it back to get the same answer.")
+    binarize: str
+    n_images: int
+    results: list[ImageLoglik] = Field(description="One entry per image, in request order.")
+
+
+class LayerEncoding(BaseModel):
+    layer: int = Field(description="Stochastic layer, 1 = next to the data.")
+    dim: int
+    exact: bool = Field(
+        description="True for layer 1 (q(h1|x) is Gaussian); upper-layer moments are Monte Carlo estimates."
+    )
+    mean: list[list[float]] = Field(description="Posterior mean per image: [n_images][dim].")
+    std: list[list[float]] = Field(description="Posterior standard deviation per image: [n_images][dim].")
+    samples: list[list[list[float]]] | None = Field(
+        None, description="`samples` draws per image from q(h | x): [n_images][samples][dim]; null if none asked."
+    )
+
+
+class EncodeResponse(BaseModel):
+    model: str
+    seed: int
+    binarize: str
+    n_images: int
+    samples: int
+    layers: list[LayerEncoding]
+
+
+class SampleResponse(BaseModel):
+    model: str
+    seed: int
+    n: int
+    x_dim: int
+    image_shape: list[int] | None = Field(description="Height and width to reshape each flat image to, if any.")
+    probs: list[list[float]] = Field(description="Bernoulli pixel probabilities p(x | h) per sample: [n][x_dim].")
+    binary: list[list[int]] = Field(description="One binary draw from those probabilities: [n][x_dim].")
+
+
+class LayerActiveUnits(BaseModel):
+    layer: int
+    dim: int
+    active: int = Field(description="Units with A_u above the threshold.")
+    variances: list[float] = Field(description="A_u per unit: variance across the posted images of E_q[u | x].")
+    active_units: list[int] = Field(description="Indices of the active units.")
+
+
+class ActiveUnitsResponse(BaseModel):
+    model: str
+    seed: int
+    binarize: str
+    n_images: int
+    threshold: float
+    active_total: int
+    layers: list[LayerActiveUnits]
+
+
+class ModelInfo(BaseModel):
+    name: str = Field(description="The model's name (its checkpoint's file stem).")
+    default: bool = Field(description="Whether requests that name no model use this one.")
+    file: str
+    device: str
+    n_parameters: int
+    x_dim: int
+    image_shape: list[int] | None
+    config: dict[str, Any]
+    card: dict[str, Any] = Field(
+        description="The model card stored in the checkpoint, as is: training settings and, when evaluated, "
+        "`eval` results such as test L_5000 and the active units."
+    )
+
+
+class ModelsResponse(BaseModel):
+    default: str
+    models: list[ModelInfo]
+
+
+class HealthResponse(BaseModel):
+    status: str
+
+
+class ReadyResponse(BaseModel):
+    status: str
+    models: list[str]
