@@ -55,13 +55,15 @@ def from_bytes(data: bytes, source: str = "checkpoint") -> tuple[IWAE, dict[str,
         config = ModelConfig.from_dict(card["config"])
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{source}: invalid model config in card: {e}") from e
-    model = IWAE(config)
     data_mean = tensors.pop(DATA_MEAN_KEY, None)
-    _check_tensors(model.state_dict(), tensors, source)
-    if data_mean is not None and data_mean.shape != (config.x_dim,):
-        raise CheckpointError(
-            f"{source}: {DATA_MEAN_KEY} has shape {tuple(data_mean.shape)}, expected ({config.x_dim},)"
-        )
+    # Check against a storage-free (meta) model first: a config that disagrees with the tensors (say a wrong
+    # x_dim) must be reported, not allocated (it can ask for gigabytes).
+    with torch.device("meta"):
+        expected = IWAE(config).state_dict()
+    _check_tensors(expected, tensors, source)
+    if data_mean is not None:
+        _check_tensors({DATA_MEAN_KEY: torch.empty(config.x_dim, device="meta")}, {DATA_MEAN_KEY: data_mean}, source)
+    model = IWAE(config)
     model.load_state_dict(tensors)
     model.eval()
     return model, card, data_mean

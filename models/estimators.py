@@ -33,7 +33,9 @@ def vae_surrogate(model: IWAE, x: torch.Tensor, k: int) -> tuple[torch.Tensor, t
 
 def stl_surrogate(model: IWAE, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Sticking the landing (Roeder et al. 2017) for L_k: log q is evaluated with its parameters
-    stopped, so the encoder gets the path derivative only (its score-function term is dropped)."""
+    stopped, so the encoder gets the path derivative only (its score-function term is dropped).
+    Unbiased only for k = 1: for k > 1 the dropped term Σ w~_i ∂log q(h_i)/∂φ has non-zero mean (Tucker et al.
+    2018; tests/test_estimators.py measures it), which DReG corrects."""
     lat = model.sample_latents(x, k)
     log_p = model.log_p(x, lat.h)
     log_w_path = log_p - model.log_q(x, lat.h, detach_params=True)
