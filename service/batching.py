@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.engine import bound_stats, engine_log_weights, rows_for_budget
+from models.engine import DEFAULT_CHUNK_ROWS, bound_stats, engine_log_weights, rows_for_budget
 from service.metrics import Metrics
 from service.registry import LoadedModel
 from service.settings import Settings
@@ -88,6 +88,13 @@ def draw_request_noise(model: torch.nn.Module, k: int, n: int, seed: int) -> lis
     return model.draw_noise(k, n, generator=torch.Generator().manual_seed(seed))  # type: ignore[operator]
 
 
+def chunk_rows_for(loaded: LoadedModel, memory_bytes: int) -> int:
+    """Rows per engine chunk: within the memory budget, and on CPUs no more than the engine's cache-sized
+    default (larger chunks spill the [rows, D] block out of cache and run slower there)."""
+    rows = rows_for_budget(loaded.model, memory_bytes)
+    return rows if loaded.device.type == "cuda" else min(rows, DEFAULT_CHUNK_ROWS)
+
+
 async def _wait_disconnect(receive: Callable[[], Awaitable[dict[str, Any]]]) -> None:
     # Called after the body was read, so the only message left to come is the disconnect.
     while True:
@@ -104,7 +111,7 @@ class BatchingEngine:
         self.max_batch_requests = settings.max_batch_requests
         self.max_wait = settings.max_wait_ms / 1000.0
         self.queue_size = settings.queue_size
-        self.chunk_rows = rows_for_budget(loaded.model, settings.memory_bytes)
+        self.chunk_rows = chunk_rows_for(loaded, settings.memory_bytes)
         self.metrics = metrics
         self._queue: deque[Job] = deque()
         self._cond = threading.Condition()

@@ -86,6 +86,12 @@ def decode_json(body: bytes, spec: InputSpec) -> np.ndarray:
         raise bad("'images' must be a list of images", 422, "invalid_shape")
     if not images:
         raise bad("no images: 'images' is an empty list", 422, "no_images")
+    if not isinstance(images[0], list):
+        raise bad(
+            f"'images' must be a list of images, each {spec.shapes_text()} (got a list of numbers: "
+            "wrap a single image in a list)",
+            code="invalid_shape",
+        )
     check_count(len(images), spec)
     try:
         arr = np.asarray(images, dtype=np.float64)
@@ -102,12 +108,6 @@ def decode_json(body: bytes, spec: InputSpec) -> np.ndarray:
                 ) from None
             _check_image_shape(a.shape, i, spec)
         raise bad(f"images have different shapes; each must be {spec.shapes_text()}", code="invalid_shape") from None
-    if arr.ndim < 2:
-        raise bad(
-            f"'images' must be a list of images, each {spec.shapes_text()} (got a flat list of numbers: "
-            "wrap a single image in a list)",
-            code="invalid_shape",
-        )
     _check_image_shape(arr.shape[1:], 0, spec)
     return arr.reshape(arr.shape[0], spec.x_dim)
 
