@@ -1,0 +1,121 @@
+"""Settings from the environment and the command line, and loading models (bad files skipped, fallbacks)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from service.__main__ import build_parser, main, settings_from_args
+from service.registry import ModelRegistry, NoModelsError, UnknownModelError
+from service.settings import DEFAULT_MODEL, DEFAULT_MODELS_DIR, Settings
+from service.testing import tiny_model, write_checkpoint
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    for key in list(os.environ):
+        if key.startswith("IWAE_"):
+            monkeypatch.delenv(key)
+
+
+def test_defaults() -> None:
+    s = Settings()
+    assert s.models == [DEFAULT_MODELS_DIR]
+    assert DEFAULT_MODELS_DIR.parts[-2:] == ("models", "zoo")
+    assert (s.default_model, s.device, s.max_k, s.host, s.port) == (DEFAULT_MODEL, "auto", 5000, "127.0.0.1", 8000)
+    assert DEFAULT_MODEL == "mnist-iwae-k50-1l"
+
+
+def test_environment_variables(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("IWAE_MAX_K", "20000")
+    monkeypatch.setenv("IWAE_DEVICE", "cpu")
+    monkeypatch.setenv("IWAE_MODELS", f"{tmp_path}/a, {tmp_path}/b.safetensors")
+    monkeypatch.setenv("IWAE_MAX_WAIT_MS", "7.5")
+    monkeypatch.setenv("IWAE_DATA_DIR", "/somewhere")  # the training side's: ignored here
+    monkeypatch.setenv("IWAE_ENGINE_COMPILE", "1")
+    s = Settings()
+    assert (s.max_k, s.device, s.max_wait_ms) == (20000, "cpu", 7.5)
+    assert s.models == [tmp_path / "a", tmp_path / "b.safetensors"]
+    monkeypatch.setenv("IWAE_MODELS", '["/x", "/y"]')
+    assert Settings().models == [Path("/x"), Path("/y")]
+
+
+def test_invalid_settings_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IWAE_DEVICE", "tpu")
+    with pytest.raises(ValidationError, match="device"):
+        Settings()
+    monkeypatch.delenv("IWAE_DEVICE")
+    with pytest.raises(ValidationError, match="max_k"):
+        Settings(max_k=0)
+
+
+def test_flags_override_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("IWAE_MAX_K", "100")
+    monkeypatch.setenv("IWAE_PORT", "9000")
+    args = build_parser().parse_args(["--max-k", "7", "--models", str(tmp_path), "x.safetensors", "--device", "cpu"])
+    s = settings_from_args(args)
+    assert (s.max_k, s.port, s.device) == (7, 9000, "cpu")
+    assert s.models == [tmp_path, Path("x.safetensors")]
+
+
+def test_settings_round_trip_through_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    s = Settings(models=[tmp_path, tmp_path / "m.safetensors"], max_k=123, threads=2, max_wait_ms=1.5)
+    for key, value in s.to_env().items():
+        monkeypatch.setenv(key, value)
+    assert Settings() == s
+
+
+def test_parser_documents_every_setting() -> None:
+    text = build_parser().format_help()
+    for name in Settings.model_fields:
+        flag = "--" + name.replace("_", "-")
+        assert flag in text, flag
+
+
+def test_main_fails_cleanly_without_models(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "broken.safetensors").write_bytes(b"not a checkpoint")
+    assert main(["--models", str(tmp_path), "--device", "cpu", "--port", "0"]) == 1
+    err = capsys.readouterr().err
+    assert "no loadable checkpoint" in err and "broken.safetensors" in err
+    assert main(["--max-k", "0"]) == 2
+    assert "max_k" in capsys.readouterr().err
+
+
+def test_registry_skips_bad_files_and_logs(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    write_checkpoint(tmp_path / "good.safetensors", tiny_model())
+    (tmp_path / "corrupt.safetensors").write_bytes(b"\x00" * 64)
+    (tmp_path / "notes.txt").write_text("not a model")
+    with caplog.at_level(logging.WARNING, logger="iwae.service"):
+        reg = ModelRegistry.load(Settings(models=[tmp_path, tmp_path / "missing.safetensors"], device="cpu"))
+    assert reg.names() == ["good"]
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("corrupt.safetensors" in m and "cannot load" in m for m in messages)
+    assert any("notes.txt" in m and "not a checkpoint" in m for m in messages)
+    assert any("missing.safetensors" in m and "does not exist" in m for m in messages)
+    # The configured default is absent: the first model alphabetically stands in, and it is logged.
+    assert reg.default == "good"
+    assert any("default model" in m and "'good'" in m for m in messages)
+    with pytest.raises(UnknownModelError, match="available models: good"):
+        reg.get("other")
+
+
+def test_registry_default_and_explicit_files(tmp_path: Path) -> None:
+    for name in ("b-model", "a-model", "c-model"):
+        write_checkpoint(tmp_path / f"{name}.safetensors", tiny_model())
+    reg = ModelRegistry.load(Settings(models=[tmp_path], default_model="c-model", device="cpu"))
+    assert (reg.default, reg.names()) == ("c-model", ["a-model", "b-model", "c-model"])
+    assert reg.get(None).name == "c-model"
+    reg = ModelRegistry.load(Settings(models=[tmp_path], default_model="zzz", device="cpu"))
+    assert reg.default == "a-model"
+    only = ModelRegistry.load(Settings(models=[tmp_path / "b-model.safetensors"], device="cpu"))
+    assert only.names() == ["b-model"]
+
+
+def test_registry_with_nothing_loadable(tmp_path: Path) -> None:
+    with pytest.raises(NoModelsError, match="no loadable checkpoint"):
+        ModelRegistry.load(Settings(models=[tmp_path], device="cpu"))
