@@ -1,81 +1,313 @@
 """The L_k engine: log importance weights for large k, fast and within a memory budget.
 
 L_5000 over MNIST's test set is 50 million decoder passes, the hot path of evaluation and of the service.
-The engine differs from the textbook computation (``reference_log_weights``) in three ways:
+The engine computes exactly what ``reference_log_weights`` computes, reorganised (docs/engine.md has the
+measurements):
 
 - log p(x | h) = x·l - Σ_d softplus(l_d) with l = W a + b, and x·(W a) = (Wᵀx)·a: the data term becomes a
   [B, H] product computed once per image, so the only [rows, D] work left is one matmul and one
   softplus-sum, with no expanded copy of x;
-- samples are processed in chunks of rows sized to keep the [rows, D] block small (cache-resident on CPUs,
-  bounded on GPUs), so memory stays within budget whatever k is;
+- the softplus-sum is one fused pass (when torch.compile works): softplus(z) = max(z, 0) + log(1 + e^-|z|)
+  and the logs are pooled, Σ_d log(1 + e^-|z_d|) = Σ_j log Π_i (1 + e^-|z_ij|) over 16-wide lanes, so the
+  pass costs one exp per pixel and one log per 49 pixels (each factor is in (1, 2], so a product of 49
+  cannot overflow);
+- hidden layers are a matmul into a preallocated buffer followed by one in-place bias + tanh pass;
+- samples are processed in chunks of rows sized to keep the [rows, D] block cache-sized on CPUs and bounded
+  everywhere, so memory stays within budget whatever k is;
 - log q uses the noise directly ((h - mean)/std == eps), and the first encoder layer runs once per image.
 
 Randomness comes in as explicit noise tensors, so results depend only on (image, noise), never on which
-other images share a batch.
+other images share a batch or on the chunk size.
 """
 
 from __future__ import annotations
 
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from models.bounds import effective_sample_size, elbo, iwae_bound, iwae_bound_stderr
 from models.distributions import LOG_2PI, gaussian_log_prob, std_normal_log_prob
 from models.networks import IWAE
 
+log = logging.getLogger(__name__)
+
 BYTES_PER_FLOAT = 4
+# Rows (sample, image pairs) per chunk: big enough that the matmuls run near the machine's peak and the
+# per-chunk overheads (about a dozen op dispatches, OpenMP fork/joins and one compiled call, ~50 µs) stay a
+# few percent, small enough that the [rows, D] logits block (6 MiB) stays in the L3 cache. Measured flat
+# between 1024 and 2048 rows on one thread; 2048 halves the fork/joins, which matters when the cores are
+# shared with other jobs (bench/bench_loglik.py --sweep measures it).
 DEFAULT_CHUNK_ROWS = 2048
+# Lane width of the pooled-log softplus-sum: one AVX-512 register of float32.
+LANES = 16
+# A product of n factors in (1, 2] is at most 2**n: keep it far from float32's 2**128.
+MAX_POOLED_FACTORS = 100
+LOG2_E = 1.0 / math.log(2.0)
+# Set IWAE_ENGINE_COMPILE=0 to force the eager kernels (for debugging or when compiling is unwanted).
+COMPILE_ENV = "IWAE_ENGINE_COMPILE"
 
 
 def rows_for_budget(model: IWAE, memory_bytes: int, itemsize: int = BYTES_PER_FLOAT) -> int:
-    """How many (sample, image) rows of activations fit in ``memory_bytes``."""
+    """How many (sample, image) rows of activations fit in ``memory_bytes``.
+
+    Per row the engine holds the logits block and, at the eager kernel's peak, two temporaries of the same
+    width (the compiled kernel needs none), the bottom decoder's hidden activations, a copy of Wᵀx, and the
+    samples, noise products and (for deeper models) the upper layers' means, log-stds and hidden
+    activations. tests/test_engine.py measures the peak and checks it against this bound. The noise and
+    log w themselves, k·B·(Σd_l + 1) floats, are the caller's and not included.
+    """
+    if memory_bytes < 1:
+        raise ValueError(f"memory_bytes must be positive, got {memory_bytes}")
+    if itemsize < 1:
+        raise ValueError(f"itemsize must be positive, got {itemsize}")
+    return max(1, memory_bytes // (row_floats(model) * itemsize))
+
+
+def row_floats(model: IWAE) -> int:
+    """Floats of working memory per (sample, image) row (see ``rows_for_budget``)."""
     cfg = model.config
-    widths = cfg.x_dim + 2 * sum(sum(h) for h in cfg.hidden_dims) + 4 * sum(cfg.latent_dims)
-    # The softplus pass holds two [rows, D] blocks at once (logits and their softplus).
-    per_row = (widths + cfg.x_dim) * itemsize
-    return max(1, memory_bytes // per_row)
+    hidden = sum(sum(h) for h in cfg.hidden_dims)
+    return 3 * cfg.x_dim + 2 * hidden + model.p[0].logits.in_features + 6 * sum(cfg.latent_dims)
 
 
-def _decoder_bottom_terms(model: IWAE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-image pieces of x·l: Wᵀx [B, H] and x·b [B]."""
-    out = model.p[0].logits
-    return x @ out.weight, x @ out.bias
+# --- kernels -----------------------------------------------------------------------------------------
+
+
+def _softplus_sum_pooled(z: torch.Tensor) -> torch.Tensor:
+    """Σ_d softplus(z_d) over the last axis of [R, D], D a multiple of LANES (see the module docstring).
+
+    softplus(z) = max(z, 0) + log(1 + 2^(-|z| log2 e)); the logs are pooled lane-wise, one per LANES-wide
+    column of the [R, D / LANES, LANES] view. Written for the compiler, which turns it into one pass with
+    vector accumulators; eagerly it would be slower than F.softplus.
+    """
+    rows, width = z.shape
+    z = z.view(rows, width // LANES, LANES)
+    relu = z.clamp(min=0).sum(1)
+    pooled = (1 + torch.exp2(z.abs() * -LOG2_E)).prod(1)
+    return (relu + torch.log(pooled)).sum(-1)
+
+
+def _row_terms(
+    logits: torch.Tensor,
+    bias: torch.Tensor,
+    a: torch.Tensor,
+    wx: torch.Tensor,
+    eps: torch.Tensor,
+    h_top: torch.Tensor,
+    pooled: bool,
+) -> torch.Tensor:
+    """The per-row part of log w, all rows [R, ·] -> [R]:
+
+    a·(Wᵀx) - Σ_d softplus(logits + bias)   (log p(x | h) less the per-image x·b)
+    + ½|eps_1|²                              (-log q(h_1 | x) less the per-image constants)
+    - ½|h_top|²                              (log N(h_top; 0, I) less its constant)
+    """
+    z = logits + bias
+    # Not F.softplus: it returns z itself above z = 20, off by up to 2e-9 per pixel (it matters in float64).
+    softplus = _softplus_sum_pooled(z) if pooled else torch.logaddexp(z, z.new_zeros(())).sum(-1)
+    return (a * wx).sum(-1) - softplus + 0.5 * ((eps * eps).sum(-1) - (h_top * h_top).sum(-1))
+
+
+def _row_terms_pooled(*args: torch.Tensor) -> torch.Tensor:
+    return _row_terms(*args, pooled=True)  # type: ignore[misc]
+
+
+def _row_terms_plain(*args: torch.Tensor) -> torch.Tensor:
+    return _row_terms(*args, pooled=False)  # type: ignore[misc]
+
+
+RowTerms = Callable[..., torch.Tensor]
+
+
+def poolable(width: int) -> bool:
+    """Whether the pooled-log softplus-sum applies to D = ``width``."""
+    return width % LANES == 0 and width // LANES <= MAX_POOLED_FACTORS
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """The engine's fused per-row kernel for one (device type, dtype, D)."""
+
+    row_terms: RowTerms
+    compiled: bool
+    note: str  # why the kernel is eager, or how long compiling took
+
+
+_KERNELS: dict[tuple[str, torch.dtype, tuple[int, ...]], Kernels] = {}
+_KERNEL_LOCK = threading.Lock()
+
+
+def _widths(model: IWAE) -> tuple[int, int, int, int]:
+    """The static widths of the per-row kernel's inputs: D, the decoder's last hidden width, d_1, d_top."""
+    cfg = model.config
+    return cfg.x_dim, model.p[0].logits.in_features, cfg.latent_dims[0], cfg.latent_dims[-1]
+
+
+def _compile_row_terms(device: torch.device, dtype: torch.dtype, widths: tuple[int, ...]) -> Kernels:
+    """torch.compile the per-row kernel for these widths and check it against float64 eager."""
+    start = time.perf_counter()
+    d_x, d_hidden, d_1, d_top = widths
+    compiled = torch.compile(_row_terms_pooled if poolable(d_x) else _row_terms_plain, fullgraph=True)
+
+    def row_terms(*args: torch.Tensor) -> torch.Tensor:
+        # Only the row count varies between calls; the widths stay static so that the compiler vectorises
+        # over constants, and one compilation serves every chunk size (R >= 2, see engine_log_weights).
+        for t in args:
+            if t.dim() == 2:
+                torch._dynamo.maybe_mark_dynamic(t, 0)
+        return compiled(*args)
+
+    gen = torch.Generator().manual_seed(0)
+    for rows in (3, 5):  # the second size must reuse the dynamic-rows graph, not recompile
+        shapes = [(rows, d_x), (d_x,), (rows, d_hidden), (rows, d_hidden), (rows, d_1), (rows, d_top)]
+        args = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+        args[0] = 4 * args[0]
+        want = _row_terms_plain(*args)
+        got = row_terms(*(t.to(device, dtype) for t in args)).double().cpu()
+        if not torch.allclose(got, want, rtol=1e-4, atol=1e-3):
+            raise RuntimeError(f"compiled kernel disagrees with eager float64: {got} vs {want}")
+    return Kernels(row_terms, True, f"compiled in {time.perf_counter() - start:.1f} s")
+
+
+def kernels(model: IWAE) -> Kernels:
+    """The engine's per-row kernel for ``model`` (its architecture, dtype and device).
+
+    float32 kernels are compiled with torch.compile once per process and architecture, on first use and
+    under a lock. That takes seconds: call this at startup to pay it there rather than in the first request.
+    Other dtypes, and machines where compiling fails, get the eager kernel: the same sums, more slowly.
+    """
+    param = model.p[0].logits.weight
+    device, dtype, widths = param.device, param.dtype, _widths(model)
+    key = (device.type, dtype, widths)
+    found = _KERNELS.get(key)
+    if found is not None:
+        return found
+    with _KERNEL_LOCK:
+        if key in _KERNELS:
+            return _KERNELS[key]
+        if os.environ.get(COMPILE_ENV, "1") == "0":
+            chosen = Kernels(_row_terms_plain, False, f"eager ({COMPILE_ENV}=0)")
+        elif dtype != torch.float32:
+            chosen = Kernels(_row_terms_plain, False, f"eager (only float32 is compiled, not {dtype})")
+        else:
+            try:
+                with torch.inference_mode():
+                    chosen = _compile_row_terms(device, dtype, widths)
+            except Exception as exc:  # any compiler failure must leave a working (slower) engine
+                log.warning("L_k engine: torch.compile failed on %s, using the eager kernel: %s", device, exc)
+                chosen = Kernels(_row_terms_plain, False, f"eager (compile failed: {type(exc).__name__})")
+        _KERNELS[key] = chosen
+        return chosen
+
+
+# --- the engine -------------------------------------------------------------------------------------
+
+
+def _check_inputs(model: IWAE, x: torch.Tensor, noise: list[torch.Tensor], chunk_rows: int) -> int:
+    """Validate shapes, dtypes and devices; return k."""
+    cfg = model.config
+    if x.dim() != 2 or x.shape[1] != cfg.x_dim:
+        raise ValueError(f"x must be [batch, {cfg.x_dim}], got {list(x.shape)}")
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    if len(noise) != cfg.n_layers:
+        raise ValueError(f"noise must have one tensor per stochastic layer ({cfg.n_layers}), got {len(noise)}")
+    k = noise[0].shape[0] if noise[0].dim() == 3 else -1
+    for layer, (eps, d) in enumerate(zip(noise, cfg.latent_dims, strict=True)):
+        if eps.dim() != 3 or eps.shape[0] != k or eps.shape[1:] != (x.shape[0], d):
+            raise ValueError(
+                f"noise[{layer}] must be [k, {x.shape[0]}, {d}] with the same k for every layer, got {list(eps.shape)}"
+            )
+    if k < 1:
+        raise ValueError("noise must hold at least one sample (k >= 1)")
+    param = model.p[0].logits.weight
+    for name, t in [("x", x), *((f"noise[{i}]", e) for i, e in enumerate(noise))]:
+        if t.dtype != param.dtype or t.device != param.device:
+            raise ValueError(f"{name} is {t.dtype} on {t.device} but the model is {param.dtype} on {param.device}")
+    return k
 
 
 @torch.inference_mode()
 def engine_log_weights(
     model: IWAE, x: torch.Tensor, noise: list[torch.Tensor], chunk_rows: int = DEFAULT_CHUNK_ROWS
 ) -> torch.Tensor:
-    """log w for given noise: x [B, D], noise [k, B, d_l] per layer -> log_w [k, B]."""
+    """log w for given noise: x [B, D], noise [k, B, d_l] per layer -> log_w [k, B].
+
+    At most ``chunk_rows`` (sample, image) rows are processed at once; batches larger than that are split
+    into groups of images, and each image's results depend only on its own x and noise.
+    """
+    k = _check_inputs(model, x, noise, chunk_rows)
+    batch = x.shape[0]
+    if batch > chunk_rows:
+        log_w = torch.empty(k, batch, dtype=x.dtype, device=x.device)
+        for i in range(0, batch, chunk_rows):
+            j = min(batch, i + chunk_rows)
+            log_w[:, i:j] = _log_weights_chunked(model, x[i:j], [e[:, i:j] for e in noise], 1)
+        return log_w
+    return _log_weights_chunked(model, x, noise, max(1, chunk_rows // batch))
+
+
+def _log_weights_chunked(model: IWAE, x: torch.Tensor, noise: list[torch.Tensor], chunk: int) -> torch.Tensor:
+    """engine_log_weights for ``chunk`` samples of every image at a time."""
+    cfg = model.config
     k, batch = noise[0].shape[:2]
-    chunk = max(1, chunk_rows // max(1, batch))
+    chunk = min(chunk, k)
+    rows = chunk * batch
+    kern = kernels(model)
+    # The compiled kernel specialises on a row count of 1; such tiny chunks gain nothing from it anyway.
+    row_terms = kern.row_terms if rows >= 2 else _row_terms_plain
+
+    # Per image, once: the bottom encoder layer and the decoder's data-term pieces.
     q0_mean, q0_log_std = model.q[0](x)
-    q0_std, q0_log_std_sum = torch.exp(q0_log_std), q0_log_std.sum(-1)
-    wx, xb = _decoder_bottom_terms(model, x)
-    out = model.p[0].logits
-    log_w = torch.empty(k, batch, dtype=x.dtype, device=x.device)
+    q0_std = torch.exp(q0_log_std)
+    decoder = model.p[0]
+    out = decoder.logits
+    # x·(W a + b) = (Wᵀx)·a + x·b; Wᵀx is repeated once per sample of a chunk (rows are sample-major).
+    wx_rows = (x @ out.weight).repeat(chunk, 1)
+    # Per image: the constants of log w: x·b, Σ log std_1, and log q's and log p(h_top)'s normalisers.
+    const = x @ out.bias + q0_log_std.sum(-1) + 0.5 * (sum(cfg.latent_dims) - cfg.latent_dims[-1]) * LOG_2PI
+
+    hidden: list[nn.Linear] = list(decoder.hidden.layers)  # type: ignore[arg-type]
+    weights_t = [lin.weight.t() for lin in hidden]
+    out_t = out.weight.t()
+    new = {"dtype": x.dtype, "device": x.device}
+    h_buf = torch.empty(chunk, batch, cfg.latent_dims[0], **new)
+    hid_bufs = [torch.empty(rows, lin.out_features, **new) for lin in hidden]
+    logits_buf = torch.empty(rows, cfg.x_dim, **new)
+
+    log_w = torch.empty(k, batch, **new)
     for start in range(0, k, chunk):
         stop = min(k, start + chunk)
+        c, r = stop - start, (stop - start) * batch
         eps = [e[start:stop] for e in noise]
-        h = torch.addcmul(q0_mean, q0_std, eps[0])  # [c, B, d1]
-        log_q = -0.5 * (eps[0] * eps[0]).sum(-1) - q0_log_std_sum
-        hs = [h]
+        hs = [torch.addcmul(q0_mean, q0_std, eps[0], out=h_buf[:c])]  # [c, B, d_1]
+        upper = None  # the upper layers' terms of log w, for deeper models
         for layer, e in zip(model.q[1:], eps[1:], strict=True):
             mean, log_std = layer(hs[-1])
             hs.append(torch.addcmul(mean, torch.exp(log_std), e))
-            log_q = log_q - 0.5 * (e * e).sum(-1) - log_std.sum(-1)
-        log_q = log_q - 0.5 * sum(model.config.latent_dims) * LOG_2PI
-        log_p = std_normal_log_prob(hs[-1])
-        for layer_idx in range(1, model.config.n_layers):
+            term = 0.5 * (e * e).sum(-1) + log_std.sum(-1)
+            upper = term if upper is None else upper + term
+        for layer_idx in range(1, cfg.n_layers):
             mean, log_std = model.p[layer_idx](hs[layer_idx])
-            log_p = log_p + gaussian_log_prob(hs[layer_idx - 1], mean, log_std)
-        a = model.p[0].hidden(hs[0])  # [c, B, H]
-        logits = torch.addmm(out.bias, a.reshape(-1, a.shape[-1]), out.weight.t())
-        softplus_sum = F.softplus(logits).sum(-1).reshape(a.shape[:-1])
-        log_p = log_p + (a * wx).sum(-1) + xb - softplus_sum
-        log_w[start:stop] = log_p - log_q
+            upper = upper + gaussian_log_prob(hs[layer_idx - 1], mean, log_std)
+        # Bottom decoder: matmuls into preallocated buffers, in-place bias + tanh, one fused pass at the end.
+        a = hs[0].view(r, -1)
+        for lin, w_t, buf in zip(hidden, weights_t, hid_bufs, strict=True):
+            a = torch.addmm(lin.bias, a, w_t, out=buf[:r]).tanh_()
+        logits = torch.mm(a, out_t, out=logits_buf[:r])
+        terms = row_terms(logits, out.bias, a, wx_rows[:r], eps[0].reshape(r, -1), hs[-1].reshape(r, -1))
+        torch.add(terms.view(c, batch), const, out=log_w[start:stop])
+        if upper is not None:
+            log_w[start:stop] += upper
     return log_w
 
 
@@ -116,7 +348,15 @@ def evaluate_batch(
     generator: torch.Generator | None = None,
     memory_bytes: int = 256 * 2**20,
 ) -> BoundStats:
-    """L_k, its standard error, ESS and ELBO for a batch of images with freshly drawn noise."""
+    """L_k, its standard error, ESS and ELBO for a batch of images with freshly drawn noise.
+
+    ``memory_bytes`` bounds the engine's working set (the chunk); the noise itself, k·B·Σd_l floats, and
+    log w, k·B floats, come on top.
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
     noise = model.draw_noise(k, x.shape[0], generator=generator, device=x.device, dtype=x.dtype)
-    log_w = engine_log_weights(model, x, noise, chunk_rows=rows_for_budget(model, memory_bytes))
+    # The budget caps the chunk; beyond DEFAULT_CHUNK_ROWS bigger chunks are no faster, only less cache-friendly.
+    chunk_rows = min(DEFAULT_CHUNK_ROWS, rows_for_budget(model, memory_bytes, x.element_size()))
+    log_w = engine_log_weights(model, x, noise, chunk_rows=chunk_rows)
     return bound_stats(log_w)
