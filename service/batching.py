@@ -33,6 +33,9 @@ from service.settings import Settings
 
 log = logging.getLogger("iwae.service")
 
+# A job still waiting after this long gets a task watching for its client's disconnect.
+WATCH_DISCONNECT_AFTER_S = 0.02
+
 
 class QueueFullError(RuntimeError):
     """The model's queue holds ``queue_size`` waiting requests already."""
@@ -71,6 +74,7 @@ class Job:
     fn: Callable[[LoadedModel], Any] | None = None
     enqueued: float = field(default_factory=time.monotonic)
     state: JobState = JobState.PENDING
+    watcher: asyncio.Future[None] | None = None
 
 
 @dataclass
@@ -196,26 +200,37 @@ class BatchingEngine:
         receive: Callable[[], Awaitable[dict[str, Any]]] | None = None,
     ) -> Any:
         """The job's result; JobTimeoutError after ``timeout`` s, ClientGoneError if ``receive`` says the
-        client disconnected. Either way the job is dropped if it has not started."""
-        watcher = asyncio.ensure_future(_wait_disconnect(receive)) if receive is not None else None
-        waiters: set[asyncio.Future[Any]] = {job.future}
-        if watcher is not None:
-            waiters.add(watcher)
+        client disconnected. Either way the job is dropped if it has not started.
+
+        Timers rather than tasks: most jobs finish within milliseconds, and a watcher task per request
+        would cost more than the work. The disconnect watcher starts only once a job has waited a while."""
+        loop = job.loop
+        timer = loop.call_later(timeout, self._expire, job, JobTimeoutError(f"no result within {timeout:g} s"))
+        watch = loop.call_later(WATCH_DISCONNECT_AFTER_S, self._watch, job, receive) if receive is not None else None
         try:
-            done, _ = await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-            if job.future in done:
-                return job.future.result()
-            if watcher is not None and watcher in done:
-                self.cancel(job, "client_gone")
-                raise ClientGoneError("client disconnected")
-            self.cancel(job, "timeout")
-            raise JobTimeoutError(f"no result within {timeout:g} s")
+            return await job.future
         except asyncio.CancelledError:
             self.cancel(job, "cancelled")
             raise
         finally:
-            if watcher is not None:
-                watcher.cancel()
+            timer.cancel()
+            if watch is not None:
+                watch.cancel()
+            if job.watcher is not None:
+                job.watcher.cancel()
+
+    def _expire(self, job: Job, exc: BaseException) -> None:
+        if not job.future.done():
+            self.cancel(job, "client_gone" if isinstance(exc, ClientGoneError) else "timeout")
+            job.future.set_exception(exc)
+
+    def _watch(self, job: Job, receive: Callable[[], Awaitable[dict[str, Any]]]) -> None:
+        async def watcher() -> None:
+            await _wait_disconnect(receive)
+            self._expire(job, ClientGoneError("client disconnected"))
+
+        if not job.future.done():
+            job.watcher = asyncio.ensure_future(watcher())
 
     # --- worker thread ------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -298,9 +313,10 @@ class BatchingEngine:
             m.batch_cost.labels(name).observe(sum(j.cost for j in live))
             m.batch_seconds.labels(name).observe(time.perf_counter() - start)
             m.samples.labels(name).inc(sum(j.cost for j in live))
-        for job, result in zip(live, results, strict=True):
-            job.state = JobState.DONE if job.state is JobState.RUNNING else job.state
-            self._resolve(job, result=result)
+        for job in live:
+            if job.state is JobState.RUNNING:
+                job.state = JobState.DONE
+        self._resolve_many(live, results)
 
     def _loglik(self, jobs: list[Job]) -> list[LoglikStats]:
         model, device = self.loaded.model, self.loaded.device
@@ -329,6 +345,23 @@ class BatchingEngine:
     def _fail(self, jobs: list[Job], exc: BaseException) -> None:
         for job in jobs:
             self._resolve(job, exc=exc)
+
+    @staticmethod
+    def _resolve_many(jobs: list[Job], results: list[Any]) -> None:
+        """Hand a batch's results to the event loop in one callback (one wake-up, not one per request)."""
+
+        def settle() -> None:
+            for job, result in zip(jobs, results, strict=True):
+                if not job.future.done():
+                    job.future.set_result(result)
+
+        loops = {id(j.loop): j.loop for j in jobs}
+        if len(loops) > 1:  # jobs from several event loops (not in a normal server): one by one
+            for job, result in zip(jobs, results, strict=True):
+                BatchingEngine._resolve(job, result=result)
+            return
+        with contextlib.suppress(RuntimeError):
+            jobs[0].loop.call_soon_threadsafe(settle)
 
     @staticmethod
     def _resolve(job: Job, result: Any = None, exc: BaseException | None = None) -> None:

@@ -111,6 +111,14 @@ async def test_input_formats_agree(svc: InProcessService) -> None:
     multipart = await svc.client.post("/loglik?k=10&seed=1", files=files)
     assert npy.status_code == 200 and multipart.status_code == 200, (npy.text, multipart.text)
     assert flat["results"] == nested["results"] == npy.json()["results"] == multipart.json()["results"]
+    # Arrays np.save writes differently (big-endian, Fortran order, bool) decode to the same images.
+    for arr in (x.astype(">f8"), np.asfortranarray(x), x.astype(bool)):
+        buf = io.BytesIO()
+        np.save(buf, arr)
+        r = await svc.client.post(
+            "/loglik?k=10&seed=1", content=buf.getvalue(), headers={"content-type": "application/x-npy"}
+        )
+        assert r.json()["results"] == flat["results"], arr.dtype
 
 
 async def test_binarize_options(svc: InProcessService) -> None:
