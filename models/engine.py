@@ -356,7 +356,8 @@ def evaluate_batch(
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     noise = model.draw_noise(k, x.shape[0], generator=generator, device=x.device, dtype=x.dtype)
-    # The budget caps the chunk; beyond DEFAULT_CHUNK_ROWS bigger chunks are no faster, only less cache-friendly.
-    chunk_rows = min(DEFAULT_CHUNK_ROWS, rows_for_budget(model, memory_bytes, x.element_size()))
+    chunk_rows = rows_for_budget(model, memory_bytes, x.element_size())
+    if x.device.type == "cpu":  # beyond DEFAULT_CHUNK_ROWS, CPU chunks are no faster, only less cache-friendly
+        chunk_rows = min(DEFAULT_CHUNK_ROWS, chunk_rows)
     log_w = engine_log_weights(model, x, noise, chunk_rows=chunk_rows)
     return bound_stats(log_w)
