@@ -213,11 +213,9 @@ def checkpoint(tmp: Path, path: Path | None) -> tuple[Path, str, str]:
     if path is not None:
         _, card, _ = from_bytes(path.read_bytes(), source=str(path))
         name = path.name.removesuffix(".safetensors")
-        return (
-            path.parent,
-            name,
-            f"`{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}` ({card.get('objective', '?')}, trained)",
-        )
+        shown = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+        trained = f"{card.get('epochs', '?')} of {card.get('schedule', {}).get('epochs', '?')} epochs"
+        return path.parent, name, f"`{shown}` ({card.get('objective', '?')}, k={card.get('k', '?')}, trained {trained})"
     torch.manual_seed(0)
     model = IWAE(ModelConfig.paper(1))
     out = tmp / "paper-1l-random.safetensors"
@@ -225,7 +223,8 @@ def checkpoint(tmp: Path, path: Path | None) -> tuple[Path, str, str]:
     return (
         tmp,
         "paper-1l-random",
-        "the paper's 1-layer architecture (784-200-200-50) with random weights (no trained model was in models/zoo; speed does not depend on the weights)",
+        "the paper's 1-layer architecture (784-200-200-50) with random weights (no trained model was in "
+        "models/zoo; speed does not depend on the weights)",
     )
 
 

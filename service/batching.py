@@ -2,7 +2,8 @@
 
 Requests are queued as jobs. The worker takes the oldest job; if it is a log-likelihood job it then gathers
 more queued log-likelihood jobs with the same k until the batch cost (images × k) or the request count is
-reached, or until ``max_wait`` has passed since the first job arrived. The batch is computed in one call of
+reached, or until ``max_wait`` has passed since the first job arrived (it waits only when the previous
+batch held several requests: a lone client is never delayed). The batch is computed in one call of
 the L_k engine: images are concatenated, and so is each job's own noise, drawn from its own seed. Results
 therefore depend only on (image, k, seed), never on which requests share a batch. Other work (encode,
 sample, active units) runs on the same thread one job at a time, so the device is used by one thread only.
@@ -121,6 +122,7 @@ class BatchingEngine:
         self._cond = threading.Condition()
         self._paused = False
         self._stopping = False
+        self._last_batch_requests = 1
         self._thread = threading.Thread(target=self._run, name=f"iwae-engine-{loaded.name}", daemon=True)
         self._depth = metrics.queue_depth.labels(self.name)
         self._depth.set(0)
@@ -253,7 +255,10 @@ class BatchingEngine:
             batch = [first]
             if first.kind == "loglik":
                 cost = first.cost
-                deadline = first.enqueued + self.max_wait
+                # Wait for company only when the last batch had some: a lone client (or a trickle of
+                # requests) then pays no wait at all, while concurrent clients keep filling batches.
+                wait = self.max_wait if self._last_batch_requests > 1 else 0.0
+                deadline = first.enqueued + wait
                 while len(batch) < self.max_batch_requests and cost < self.batch_cost:
                     job = self._take_compatible(first.k, self.batch_cost - cost)
                     if job is not None:
@@ -264,6 +269,8 @@ class BatchingEngine:
                     if remaining <= 0 or self._stopping:
                         break
                     self._cond.wait(remaining)
+            if first.kind == "loglik":
+                self._last_batch_requests = len(batch)
             now = time.monotonic()
             live = []
             for job in batch:

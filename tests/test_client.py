@@ -66,9 +66,10 @@ def test_retries_honour_retry_after() -> None:
 
 def test_gives_up_after_max_retries() -> None:
     slept: list[float] = []
-    handler = lambda r: httpx.Response(
-        503, headers={"Retry-After": "4"}, json={"error": "queue_full", "detail": "busy"}
-    )  # noqa: E731
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(503, headers={"Retry-After": "4"}, json={"error": "queue_full", "detail": "busy"})
+
     client = IWAEClient("http://svc", transport=httpx.MockTransport(handler), max_retries=2, sleep=slept.append)
     with pytest.raises(ServiceUnavailableError) as err:
         client.sample(2)

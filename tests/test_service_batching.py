@@ -216,3 +216,27 @@ async def test_many_concurrent_requests_without_pausing(model_dir: Path) -> None
         assert after[0] - before[0] < 24
         alone = (await svc.client.post("/loglik?k=30&seed=5", json=x)).json()
         np.testing.assert_allclose(rs[5].json()["results"][0]["loglik"], alone["results"][0]["loglik"], rtol=1e-5)
+
+
+async def test_a_lone_client_never_waits_for_company(model_dir: Path) -> None:
+    import time
+
+    async with serve_in_process(settings(model_dir, max_wait_ms=400)) as svc:
+        engine = svc.engine()
+
+        async def timed() -> float:
+            start = time.perf_counter()
+            assert (await svc.client.post("/loglik?k=5&seed=1", json={"images": images(1, 0)})).status_code == 200
+            return time.perf_counter() - start
+
+        assert await timed() < 0.3  # the last batch held one request: no wait
+        engine.pause()
+        tasks = [
+            asyncio.create_task(svc.client.post(f"/loglik?k=5&seed={i}", json={"images": images(1, i)}))
+            for i in range(3)
+        ]
+        await wait_depth(svc, 3)
+        engine.resume()
+        await asyncio.gather(*tasks)
+        assert await timed() >= 0.35  # after a batch of three, a batch waits up to max_wait for more
+        assert await timed() < 0.3  # ...which came alone: back to no wait

@@ -119,3 +119,46 @@ def test_registry_default_and_explicit_files(tmp_path: Path) -> None:
 def test_registry_with_nothing_loadable(tmp_path: Path) -> None:
     with pytest.raises(NoModelsError, match="no loadable checkpoint"):
         ModelRegistry.load(Settings(models=[tmp_path], device="cpu"))
+
+
+def test_docs_list_every_setting() -> None:
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "service.md").read_text()
+    for name in Settings.model_fields:
+        assert f"`IWAE_{name.upper()}`" in doc, name
+        assert f"`--{name.replace('_', '-')}" in doc, name
+
+
+def test_main_runs_uvicorn_with_the_loaded_app(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import uvicorn
+    from fastapi import FastAPI
+
+    write_checkpoint(tmp_path / "m.safetensors", tiny_model())
+    calls: list[tuple[object, dict[str, object]]] = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append((app, kw)))
+    assert main(["--models", str(tmp_path), "--device", "cpu", "--port", "8123", "--host", "127.0.0.2"]) == 0
+    ((app, kw),) = calls
+    assert isinstance(app, FastAPI)
+    assert (kw["host"], kw["port"]) == ("127.0.0.2", 8123)
+    registry = app.state.service.registry
+    assert registry is not None and registry.names() == ["m"]  # loaded before uvicorn started
+
+
+def test_main_with_workers_passes_settings_through_the_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import os
+
+    import uvicorn
+
+    from service.app import create_app_from_env
+
+    write_checkpoint(tmp_path / "m.safetensors", tiny_model())
+    calls: list[tuple[object, dict[str, object]]] = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append((app, kw)))
+    assert main(["--models", str(tmp_path), "--workers", "2", "--max-k", "77", "--device", "cpu"]) == 0
+    ((target, kw),) = calls
+    assert target == "service.app:create_app_from_env" and kw["factory"] is True and kw["workers"] == 2
+    assert os.environ["IWAE_MAX_K"] == "77"
+    app = create_app_from_env()  # what each worker process builds
+    assert app.state.service.settings.max_k == 77
+    assert app.state.service.settings.models == [tmp_path]
