@@ -16,6 +16,8 @@ from training.evaluate import ACTIVE_UNIT_THRESHOLD, active_unit_stats, count_ac
 from training.plots import plot_active_units
 from training.train import hardware, resolve_device
 
+SUBSET = 500
+
 
 def split_images(card: dict[str, Any], split: str, seed: int, data_root: Path | None) -> tuple[torch.Tensor, str]:
     """The split's images, binarized once with ``seed`` for dynamically binarized data sets."""
@@ -54,6 +56,10 @@ def run_eval(a: argparse.Namespace) -> dict[str, Any]:
         "date": time.strftime("%Y-%m-%d"),
     }
     result["loglik_stderr"] = finite_or_none(result["loglik_stderr"])
+    if res.n_images > SUBSET:
+        # Lets a later, cheaper check re-evaluate just these images and compare like with like.
+        head = res.per_image[:SUBSET]
+        result[f"first_{SUBSET}"] = {"loglik": float(head.mean()), "loglik_stderr": float(head.std() / SUBSET**0.5)}
     if a.update_card:
         evals = dict(card.get("eval") or {})
         evals[a.split] = {k: v for k, v in result.items() if k != "histogram"}
