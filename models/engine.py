@@ -27,6 +27,7 @@ import math
 import os
 import threading
 import time
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -152,19 +153,40 @@ def _widths(model: IWAE) -> tuple[int, int, int, int]:
     return cfg.x_dim, model.p[0].logits.in_features, cfg.latent_dims[0], cfg.latent_dims[-1]
 
 
+def _own_code(fn: Callable[..., torch.Tensor], tag: str) -> Callable[..., torch.Tensor]:
+    """A copy of ``fn`` with its own code object. Dynamo caches compiled graphs per code object, with a
+    recompile limit (8) per code object: one copy per architecture keeps a process that serves several
+    models from ever reaching it."""
+    code = fn.__code__.replace(co_name=f"{fn.__name__}_{tag}")
+    return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+
+
 def _compile_row_terms(device: torch.device, dtype: torch.dtype, widths: tuple[int, ...]) -> Kernels:
     """torch.compile the per-row kernel for these widths and check it against float64 eager."""
     start = time.perf_counter()
     d_x, d_hidden, d_1, d_top = widths
-    compiled = torch.compile(_row_terms_pooled if poolable(d_x) else _row_terms_plain, fullgraph=True)
+    fn = _own_code(_row_terms_pooled if poolable(d_x) else _row_terms_plain, "_".join(map(str, widths)))
+    compiled = torch.compile(fn, fullgraph=True)
+    state = {"failed": False}
 
-    def row_terms(*args: torch.Tensor) -> torch.Tensor:
-        # Only the row count varies between calls; the widths stay static so that the compiler vectorises
-        # over constants, and one compilation serves every chunk size (R >= 2, see engine_log_weights).
+    def run(*args: torch.Tensor) -> torch.Tensor:
+        # Callers pass contiguous, grad-free plain tensors (see _log_weights_chunked), so the guards only
+        # ever see the row count change; it is marked dynamic, the widths stay static so that the compiler
+        # vectorises over constants, and one compilation serves every chunk size (R >= 2).
         for t in args:
             if t.dim() == 2:
                 torch._dynamo.maybe_mark_dynamic(t, 0)
         return compiled(*args)
+
+    def row_terms(*args: torch.Tensor) -> torch.Tensor:
+        if state["failed"]:
+            return _row_terms_plain(*args)
+        try:
+            return run(*args)
+        except Exception as exc:  # a recompile that fails must cost speed, never a result
+            log.warning("L_k engine: compiled kernel failed, using the eager kernel from now on: %s", exc)
+            state["failed"] = True
+            return _row_terms_plain(*args)
 
     gen = torch.Generator().manual_seed(0)
     for rows in (3, 5):  # the second size must reuse the dynamic-rows graph, not recompile
@@ -172,7 +194,7 @@ def _compile_row_terms(device: torch.device, dtype: torch.dtype, widths: tuple[i
         args = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
         args[0] = 4 * args[0]
         want = _row_terms_plain(*args)
-        got = row_terms(*(t.to(device, dtype) for t in args)).double().cpu()
+        got = run(*(t.to(device, dtype) for t in args)).double().cpu()
         if not torch.allclose(got, want, rtol=1e-4, atol=1e-3):
             raise RuntimeError(f"compiled kernel disagrees with eager float64: {got} vs {want}")
     return Kernels(row_terms, True, f"compiled in {time.perf_counter() - start:.1f} s")
@@ -279,8 +301,12 @@ def _log_weights_chunked(model: IWAE, x: torch.Tensor, noise: list[torch.Tensor]
     hidden: list[nn.Linear] = list(decoder.hidden.layers)  # type: ignore[arg-type]
     weights_t = [lin.weight.t() for lin in hidden]
     out_t = out.weight.t()
+    # Every input of the compiled kernel is an inference tensor made here (guards check tensor type and
+    # dispatch keys: a Parameter, or a tensor made outside inference mode, would cost a recompile).
+    out_bias = out.bias.detach().clone()
     new = {"dtype": x.dtype, "device": x.device}
     h_buf = torch.empty(chunk, batch, cfg.latent_dims[0], **new)
+    eps_buf = torch.empty(chunk, batch, cfg.latent_dims[0], **new)  # the caller's noise may be anything
     hid_bufs = [torch.empty(rows, lin.out_features, **new) for lin in hidden]
     logits_buf = torch.empty(rows, cfg.x_dim, **new)
 
@@ -304,7 +330,9 @@ def _log_weights_chunked(model: IWAE, x: torch.Tensor, noise: list[torch.Tensor]
         for lin, w_t, buf in zip(hidden, weights_t, hid_bufs, strict=True):
             a = torch.addmm(lin.bias, a, w_t, out=buf[:r]).tanh_()
         logits = torch.mm(a, out_t, out=logits_buf[:r])
-        terms = row_terms(logits, out.bias, a, wx_rows[:r], eps[0].reshape(r, -1), hs[-1].reshape(r, -1))
+        e_1 = eps_buf[:c].copy_(eps[0]).view(r, -1)
+        h_top = hs[-1].reshape(r, -1)  # made here: contiguous, an inference tensor
+        terms = row_terms(logits, out_bias, a, wx_rows[:r], e_1, h_top)
         torch.add(terms.view(c, batch), const, out=log_w[start:stop])
         if upper is not None:
             log_w[start:stop] += upper

@@ -298,3 +298,46 @@ def test_bad_inputs_get_clear_errors() -> None:
 
 def test_default_chunk_is_positive_and_a_whole_number_of_rows() -> None:
     assert isinstance(DEFAULT_CHUNK_ROWS, int) and DEFAULT_CHUNK_ROWS >= 64
+
+
+def test_compiled_kernel_compiles_once_per_architecture(fresh_kernels: dict[Any, Any]) -> None:
+    """Chunk sizes, batch sizes, non-contiguous noise and the bias being a Parameter must not recompile:
+    a recompile costs seconds in the middle of a request, and dynamo gives up after 8 of them."""
+    from torch._dynamo.utils import counters
+
+    model, x = _model_and_data(ModelConfig.paper(1), batch=6, seed=25, dtype=torch.float32)
+    if not kernels(model).compiled:
+        pytest.skip(f"torch.compile unavailable here: {kernels(model).note}")
+    graphs = counters["stats"]["unique_graphs"]
+    noise = _noise(model, 30, 6, seed=26, dtype=torch.float32)
+    for batch, chunk_rows in ((6, 64), (6, 7), (1, 5), (3, 1000), (2, 3)):
+        columns = [n[:, :batch] for n in noise]  # non-contiguous views of the noise
+        engine_log_weights(model, x[:batch], columns, chunk_rows=chunk_rows)
+    engine_log_weights(model, x, noise, chunk_rows=100)
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_engine_survives_a_compiled_kernel_that_fails_later(
+    fresh_kernels: dict[Any, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If the compiled kernel raises after warm-up (say, dynamo's recompile limit), the engine switches to
+    the eager kernel and still returns the right numbers."""
+    calls = {"n": 0}
+
+    def flaky_compile(fn: Any, **kwargs: object) -> Any:
+        def compiled(*args: torch.Tensor) -> torch.Tensor:
+            calls["n"] += 1
+            if calls["n"] > 2:  # the two warm-up calls succeed
+                raise RuntimeError("recompile limit hit")
+            return fn(*args)
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", flaky_compile)
+    model, x = _model_and_data(ModelConfig.paper(1), batch=2, seed=27, dtype=torch.float32)
+    assert kernels(model).compiled
+    noise = _noise(model, 30, 2, seed=28, dtype=torch.float32)
+    got = engine_log_weights(model, x, noise, chunk_rows=20)
+    want = reference_log_weights(copy.deepcopy(model).double(), x.double(), [n.double() for n in noise])
+    assert float((got.double() - want).abs().max()) < 5e-3
+    assert calls["n"] == 3  # it failed once, then the eager kernel took over for good
