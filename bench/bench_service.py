@@ -1,11 +1,11 @@
 """Service benchmark: requests/s and latency percentiles of single-image /loglik requests.
 
-Starts the server (`python -m service`, as a subprocess) twice: with batching on (the defaults) and off
-(IWAE_MAX_BATCH_REQUESTS=1). Against each it runs closed-loop load at concurrency 1, 8 and 32 for k=50 and
+Starts two servers (`python -m service`, as subprocesses): batching on (the defaults) and off
+(IWAE_MAX_BATCH_REQUESTS=1). Against both it runs closed-loop load at concurrency 1, 8 and 32 for k=50 and
 k=5000, and in the same run measures the L_k engine offline (engine_log_weights on batches of images, no
 HTTP) for comparison. Writes the table to docs/benchmarks.md (or --out) with the command that made it.
 
-    .venv/bin/python bench/bench_service.py            # the full run (about 4 minutes on 2 CPU cores)
+    .venv/bin/python bench/bench_service.py --threads 1   # the full run (about 8 minutes on 2 CPU cores)
     .venv/bin/python bench/bench_service.py --quick    # a short smoke run, nothing written
 
 The load generator is a minimal HTTP/1.1 keep-alive client on asyncio streams: on a 2-core machine a
@@ -259,19 +259,28 @@ def main(argv: list[str] | None = None) -> int:
     offline: dict[str, list[float]] = {"engine": [], "engine+noise": []}
 
     def measure_offline() -> None:
-        seconds = 2.0 if a.quick else 6.0
+        seconds = 2.0 if a.quick else 5.0
         offline["engine"].append(engine_images_per_s(model, 5000, 32, seconds, with_noise=False))
         offline["engine+noise"].append(engine_images_per_s(model, 5000, 32, seconds, with_noise=True))
         print(f"offline k=5000: engine {offline['engine'][-1]:.2f} images/s, with noise drawing "
               f"{offline['engine+noise'][-1]:.2f}", flush=True)  # fmt: skip
 
-    measure_offline()
+    # Both servers run side by side (an idle one costs nothing) and every cell measures batching on and off
+    # back to back, alternating which goes first, with the offline engine measured between the k=5000
+    # cells: on a machine shared with other jobs the available CPU drifts over minutes, and this keeps
+    # each comparison within the same minute.
+    servers = {
+        mode: start_server(ckpt_dir, name, batching, a.threads, log_path)
+        for mode, batching in (("batching", True), ("no batching", False))
+    }
     cells: list[Cell] = []
-    for mode, batching in (("batching", True), ("no batching", False)):
-        proc, port = start_server(ckpt_dir, name, batching, a.threads, log_path)
-        try:
-            for k in KS:
-                for conc in CONCURRENCY:
+    try:
+        flip = False
+        for k in KS:
+            for conc in CONCURRENCY:
+                modes = ["batching", "no batching"]
+                for mode in reversed(modes) if flip else modes:
+                    port = servers[mode][1]
                     duration = a.duration if k < 1000 else a.duration_large
                     warmup = a.warmup if k < 1000 else 3 * a.warmup
                     n, secs, lat, errors = asyncio.run(run_load(port, k, conc, duration, warmup, images))
@@ -280,9 +289,13 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{mode:12s} k={k:5d} c={conc:3d}: {cell.rps:8.2f} req/s  p50 {cell.pct(50):8.1f} ms  "
                           f"p95 {cell.pct(95):8.1f}  p99 {cell.pct(99):8.1f}  ({n} requests, {errors} errors)",
                           flush=True)  # fmt: skip
-        finally:
+                flip = not flip
+                if k >= 1000:
+                    measure_offline()
+    finally:
+        for proc, _ in servers.values():
             stop_server(proc)
-    measure_offline()
+    cells.sort(key=lambda c: (c.mode != "batching", c.k, c.concurrency))
 
     eng = statistics.mean(offline["engine"])
     eng_noise = statistics.mean(offline["engine+noise"])
@@ -308,12 +321,13 @@ def main(argv: list[str] | None = None) -> int:
         f"Made by `{cmd}` on {time.strftime('%Y-%m-%d')}: {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} CPU cores, torch {torch.__version__} ({torch.get_num_threads()} intra-op threads), "
         "**no GPU** in this environment (the device was the CPU). The machine was shared with training jobs "
-        "running in the background, so absolute numbers are noisy; the batching on/off comparison was made "
-        "in the same run.",
+        "running in the background, so absolute numbers are noisy (the CPU available to the service drifted "
+        "from minute to minute); the comparisons below are between measurements taken within the same minute.",
         "",
         f"Model: {described}. Each request is one binary 28 × 28 image sent as `.npy` with its own seed; "
         "closed-loop load (each client sends its next request when the previous answer arrives) from a "
-        "minimal HTTP/1.1 keep-alive client on the same machine. Batching on = default settings "
+        "minimal HTTP/1.1 keep-alive client on the same machine. Both servers ran side by side and each cell was "
+        "measured with batching on and off back to back. Batching on = default settings "
         f"(`IWAE_MAX_WAIT_MS={Settings().max_wait_ms:g}`, `IWAE_BATCH_COST={Settings().batch_cost}`); "
         "batching off = `IWAE_MAX_BATCH_REQUESTS=1` (one request per engine call).",
         "",
@@ -328,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     lines += [
         "",
         f"Offline L_k engine at k=5000 (`engine_log_weights` on batches of 32 images, service chunking, no HTTP; "
-        f"mean of a measurement before and after the service runs): **{eng:.2f} images/s** "
+        f"mean of {len(offline['engine'])} measurements taken between the k=5000 cells): **{eng:.2f} images/s** "
         f"({eng_noise:.2f} images/s including drawing the noise, which the service also does).",
         "",
         "Targets:",

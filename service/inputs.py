@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from starlette.exceptions import HTTPException
 
 NPY_MAGIC = b"\x93NUMPY"
 JSON_TYPES = ("application/json",)
@@ -301,16 +302,30 @@ async def read_images(
     """Decode, validate and binarize the request's images: float32 tensor [N, x_dim] on the CPU."""
     kind = media_type(request.headers.get("content-type"))
     if kind in MULTIPART_TYPES:
-        form = await request.form(
-            max_files=spec.max_images + 1, max_fields=spec.max_images + 16, max_part_size=max_body_bytes
-        )
+        try:
+            form = await request.form(
+                max_files=spec.max_images, max_fields=spec.max_images + 16, max_part_size=max_body_bytes
+            )
+        except HTTPException as e:  # Starlette's multipart parser reports its limits and errors this way
+            if "Too many files" in str(e.detail):
+                raise bad(
+                    f"too many images: more than {spec.max_images} files in one request (IWAE_MAX_IMAGES)",
+                    413,
+                    "too_many_images",
+                ) from None
+            raise bad(f"invalid multipart body: {e.detail}", 400, "invalid_multipart") from None
         try:
             files: list[tuple[str, bytes]] = []
             for _key, value in form.multi_items():
                 if hasattr(value, "read"):
                     files.append((value.filename or "upload", await value.read()))
             if not files and not form:
-                raise bad("empty body: upload one or more PNG/JPEG files", 400, "empty_body")
+                raise bad(
+                    "the multipart body has no complete parts (empty or truncated): upload one or more "
+                    "PNG/JPEG files",
+                    400,
+                    "invalid_multipart",
+                )
             x = await _maybe_in_thread(sum(len(d) for _, d in files), decode_files, files, spec, resize)
         finally:
             await form.close()

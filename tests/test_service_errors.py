@@ -168,6 +168,21 @@ CASES: list[tuple[str, dict[str, Any], int, str, list[str]]] = [
         ["IWAE_MAX_IMAGES"],
     ),
     (
+        "far too many files",
+        {"files": [("files", (f"{i}.png", png(np.zeros((28, 28))), "image/png")) for i in range(40)]},
+        413,
+        "too_many_images",
+        ["more than 5 files", "IWAE_MAX_IMAGES"],
+    ),
+    (
+        "truncated multipart",
+        {"content": b"--xyz\r\nContent-Disposition: form-data; name=\"files\"; filename=\"a.png\"\r\n\r\nabc",
+         "headers": {"content-type": "multipart/form-data; boundary=xyz"}},
+        400,
+        "invalid_multipart",
+        ["no complete parts", "truncated"],
+    ),
+    (
         "empty body",
         {"content": b"", "headers": {"content-type": "application/json"}},
         400,
