@@ -111,17 +111,25 @@ def engine_lk(model: IWAE, x: torch.Tensor, noise: list[torch.Tensor], chunk_row
 
 def decoder_matmuls(model: IWAE, rows: int, total_rows: int, device: torch.device) -> Callable[[], None]:
     """Just the decoder's matmuls (no bias, no activation) over ``total_rows`` rows, ``rows`` at a time: the
-    floor under any implementation that does the decoder's multiply-adds in float32."""
-    linears = [m for m in model.p.modules() if isinstance(m, torch.nn.Linear)]
-    weights = [m.weight.detach().t() for m in linears]
-    bufs = [torch.randn(rows, linears[0].in_features, device=device)]
-    bufs += [torch.empty(rows, m.out_features, device=device) for m in linears]
+    floor under any implementation that does the decoder's multiply-adds in float32. Every generative layer
+    is its hidden chain followed by its heads (logits, or mean and log-std), each from the last hidden."""
+    ops: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (input buffer, Wᵀ, output buffer)
+    for layer in model.p:
+        linears: list[torch.nn.Linear] = list(layer.hidden.layers)
+        below = torch.randn(rows, linears[0].in_features, device=device)
+        for lin in linears:
+            out = torch.empty(rows, lin.out_features, device=device)
+            ops.append((below, lin.weight.detach().t(), out))
+            below = out
+        heads = [layer.logits] if hasattr(layer, "logits") else [layer.mean, layer.log_std]
+        ops += [(below, h.weight.detach().t(), torch.empty(rows, h.out_features, device=device)) for h in heads]
+    assert sum(w.numel() for _, w, _ in ops) == model.decoder_macs_per_sample()
 
     def run() -> None:
         for start in range(0, total_rows, rows):
             r = min(rows, total_rows - start)
-            for i, w in enumerate(weights):
-                torch.mm(bufs[i][:r], w, out=bufs[i + 1][:r])
+            for inp, w, out in ops:
+                torch.mm(inp[:r], w, out=out[:r])
 
     return run
 
