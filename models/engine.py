@@ -1,21 +1,22 @@
 """The L_k engine: log importance weights for large k, fast and within a memory budget.
 
 L_5000 over MNIST's test set is 50 million decoder passes, the hot path of evaluation and of the service.
-The engine computes exactly what ``reference_log_weights`` computes, reorganised (docs/engine.md has the
-measurements):
+The engine computes exactly what ``reference_log_weights`` computes, reorganised (docs/engine.md explains
+each step and has the measurements):
 
 - log p(x | h) = x·l - Σ_d softplus(l_d) with l = W a + b, and x·(W a) = (Wᵀx)·a: the data term becomes a
-  [B, H] product computed once per image, so the only [rows, D] work left is one matmul and one
-  softplus-sum, with no expanded copy of x;
-- the softplus-sum is one fused pass (when torch.compile works): softplus(z) = max(z, 0) + log(1 + e^-|z|)
-  and the logs are pooled, Σ_d log(1 + e^-|z_d|) = Σ_j log Π_i (1 + e^-|z_ij|) over 16-wide lanes, so the
-  pass costs one exp per pixel and one log per 49 pixels (each factor is in (1, 2], so a product of 49
-  cannot overflow);
-- hidden layers are a matmul into a preallocated buffer followed by one in-place bias + tanh pass;
-- samples are processed in chunks of rows sized to keep the [rows, D] block cache-sized on CPUs and bounded
-  everywhere, so memory stays within budget whatever k is;
+  dot product with a [B, H] vector computed once per image; no expanded copy of x exists;
+- after the last matmul, one compiled kernel per chunk does all the per-row work (data term, softplus-sum,
+  noise norms). Its softplus-sum pools the logs: softplus(z) = max(z, 0) + log(1 + e^-|z|) and
+  Σ_d log(1 + e^-|z_d|) = Σ_lanes log Π (1 + e^-|z|) over 16 lanes of 49 factors, each in (1, 2], so one
+  exp per pixel and one log per 49 pixels, and no product can overflow;
+- hidden layers are a matmul into a preallocated buffer plus an in-place tanh; every buffer is allocated
+  once per call and reused by every chunk;
+- samples are processed in chunks of rows (and large batches in groups of images), so memory stays within
+  budget whatever k and B are;
 - log q uses the noise directly ((h - mean)/std == eps), and the first encoder layer runs once per image.
 
+Without a working torch.compile (or for dtypes other than float32) an eager kernel computes the same sums.
 Randomness comes in as explicit noise tensors, so results depend only on (image, noise), never on which
 other images share a batch or on the chunk size.
 """
