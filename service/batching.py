@@ -36,6 +36,9 @@ log = logging.getLogger("iwae.service")
 
 # A job still waiting after this long gets a task watching for its client's disconnect.
 WATCH_DISCONNECT_AFTER_S = 0.02
+# Jobs of at least this many samples (images × k) get their noise drawn ahead by the prefetcher thread;
+# smaller ones are drawn by the worker (microseconds: not worth a thread hand-over).
+PREFETCH_MIN_COST = 4096
 
 
 class QueueFullError(RuntimeError):
@@ -76,6 +79,9 @@ class Job:
     enqueued: float = field(default_factory=time.monotonic)
     state: JobState = JobState.PENDING
     watcher: asyncio.Future[None] | None = None
+    # Noise drawn ahead of the batch by the prefetcher (None: not yet; the worker draws it if still None).
+    noise: list[torch.Tensor] | None = None
+    noise_drawing: threading.Event | None = None
 
 
 @dataclass
@@ -123,13 +129,18 @@ class BatchingEngine:
         self._paused = False
         self._stopping = False
         self._last_batch_requests = 1
+        # Queued samples whose noise is drawn or being drawn: the prefetcher stays within two batches' worth.
+        self._prefetched_cost = 0
+        self.prefetch_budget = 2 * settings.batch_cost
         self._thread = threading.Thread(target=self._run, name=f"iwae-engine-{loaded.name}", daemon=True)
+        self._prefetcher = threading.Thread(target=self._prefetch, name=f"iwae-noise-{loaded.name}", daemon=True)
         self._depth = metrics.queue_depth.labels(self.name)
         self._depth.set(0)
 
     # --- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> None:
         self._thread.start()
+        self._prefetcher.start()
 
     def stop(self, timeout: float = 10.0) -> None:
         """Finish the batch in progress, fail the queued jobs, join the worker."""
@@ -137,13 +148,15 @@ class BatchingEngine:
             self._stopping = True
             pending = list(self._queue)
             self._queue.clear()
+            self._prefetched_cost = 0
             self._depth.set(0)
             self._cond.notify_all()
         for job in pending:
             job.state = JobState.CANCELLED
             self._resolve(job, exc=EngineStoppedError("the service is shutting down"))
-        if self._thread.is_alive():
-            self._thread.join(timeout)
+        for thread in (self._thread, self._prefetcher):
+            if thread.is_alive():
+                thread.join(timeout)
 
     def pause(self) -> None:
         """Hold the worker after its current batch (queued jobs wait; used for draining and in tests)."""
@@ -181,15 +194,17 @@ class BatchingEngine:
                 raise QueueFullError(f"model {self.name!r} has {len(self._queue)} requests queued (the limit)")
             self._queue.append(job)
             self._depth.set(len(self._queue))
-            self._cond.notify()
+            self._cond.notify_all()  # the worker and the noise prefetcher
 
     def cancel(self, job: Job, reason: str) -> None:
         """Drop a job that has not started; a running job's result is discarded."""
         with self._cond:
             if job.state is JobState.PENDING:
-                # ValueError: already taken into a forming batch; the worker skips it.
-                with contextlib.suppress(ValueError):
+                try:
                     self._queue.remove(job)
+                    self._left_queue(job)
+                except ValueError:
+                    pass  # already taken into a forming batch; the worker skips it
                 self._depth.set(len(self._queue))
                 self.metrics.dropped.labels(self.name, reason).inc()
             if job.state in (JobState.PENDING, JobState.RUNNING):
@@ -252,6 +267,7 @@ class BatchingEngine:
             if self._stopping:
                 return None
             first = self._queue.popleft()
+            self._left_queue(first)
             batch = [first]
             if first.kind == "loglik":
                 cost = first.cost
@@ -285,6 +301,49 @@ class BatchingEngine:
         for i, job in enumerate(self._queue):
             if job.kind == "loglik" and job.k == k and job.cost <= budget and job.state is JobState.PENDING:
                 del self._queue[i]
+                self._left_queue(job)
+                return job
+        return None
+
+    def _left_queue(self, job: Job) -> None:
+        """Bookkeeping for a job leaving the queue (call with the lock held)."""
+        if job.noise_drawing is not None:
+            self._prefetched_cost -= job.cost
+            self._cond.notify_all()  # the prefetcher may draw ahead again
+
+    # --- noise prefetcher thread ----------------------------------------------------------------------
+    def _prefetch(self) -> None:
+        """Draw queued jobs' noise while the worker computes the batch before them: on a machine with a
+        spare core this takes the noise off the worker's critical path."""
+        model = self.loaded.model
+        while True:
+            with self._cond:
+                while True:
+                    if self._stopping:
+                        return
+                    job = self._next_to_prefetch() if self._prefetched_cost < self.prefetch_budget else None
+                    if job is not None:
+                        break
+                    self._cond.wait()
+                job.noise_drawing = threading.Event()
+                self._prefetched_cost += job.cost
+            assert job.x is not None
+            noise = None
+            try:
+                noise = draw_request_noise(model, job.k, int(job.x.shape[0]), job.seed)
+            finally:  # on failure the worker draws it (and reports the error)
+                with self._cond:
+                    job.noise = noise if job.state is not JobState.CANCELLED else None
+                    job.noise_drawing.set()
+
+    def _next_to_prefetch(self) -> Job | None:
+        for job in self._queue:
+            if (
+                job.kind == "loglik"
+                and job.noise_drawing is None
+                and job.cost >= PREFETCH_MIN_COST
+                and job.state is JobState.PENDING
+            ):
                 return job
         return None
 
@@ -329,7 +388,13 @@ class BatchingEngine:
         model, device = self.loaded.model, self.loaded.device
         k = jobs[0].k
         xs = [j.x for j in jobs]
-        noises = [draw_request_noise(model, k, int(x.shape[0]), j.seed) for j, x in zip(jobs, xs, strict=True)]  # type: ignore[union-attr]
+        noises = []
+        for job, x in zip(jobs, xs, strict=True):
+            if job.noise_drawing is not None:
+                job.noise_drawing.wait()  # the prefetcher is drawing it right now, or has
+            noise = job.noise
+            job.noise = None  # the job outlives the batch (until its response is sent): free the memory now
+            noises.append(noise if noise is not None else draw_request_noise(model, k, int(x.shape[0]), job.seed))  # type: ignore[union-attr]
         if len(jobs) == 1:
             x, noise = xs[0], noises[0]
         else:

@@ -321,8 +321,7 @@ async def read_images(
                     files.append((value.filename or "upload", await value.read()))
             if not files and not form:
                 raise bad(
-                    "the multipart body has no complete parts (empty or truncated): upload one or more "
-                    "PNG/JPEG files",
+                    "the multipart body has no complete parts (empty or truncated): upload one or more PNG/JPEG files",
                     400,
                     "invalid_multipart",
                 )

@@ -240,3 +240,32 @@ async def test_a_lone_client_never_waits_for_company(model_dir: Path) -> None:
         await asyncio.gather(*tasks)
         assert await timed() >= 0.35  # after a batch of three, a batch waits up to max_wait for more
         assert await timed() < 0.3  # ...which came alone: back to no wait
+
+
+async def test_noise_prefetch_is_bounded_and_changes_nothing(model_dir: Path) -> None:
+    path = model_dir / "tiny.safetensors"
+    model, _, _ = from_bytes(path.read_bytes(), source=str(path))
+    # Prefetch budget = 2 × batch cost = 20000 samples: four of six k=5000 one-image jobs.
+    async with serve_in_process(settings(model_dir, batch_cost=10_000)) as svc:
+        engine = svc.engine()
+        engine.pause()
+        xs = [images(1, seed=70 + i) for i in range(6)]
+        tasks = [
+            asyncio.create_task(svc.client.post(f"/loglik?k=5000&seed={i}", json={"images": x}))
+            for i, x in enumerate(xs)
+        ]
+        await wait_depth(svc, 6)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while sum(j.noise is not None for j in list(engine._queue)) < 4:
+            assert loop.time() < deadline, "the prefetcher did not draw ahead"
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(0.05)
+        assert sum(j.noise_drawing is not None for j in list(engine._queue)) == 4  # and no more
+        engine.resume()
+        for i, (task, x) in enumerate(zip(tasks, xs, strict=True)):
+            got = (await task).json()["results"][0]["loglik"]
+            noise = model.draw_noise(5000, 1, generator=torch.Generator().manual_seed(i))
+            want = bound_stats(engine_log_weights(model, torch.tensor(x, dtype=torch.float32), noise)).loglik
+            np.testing.assert_allclose(got, want.numpy(), rtol=2e-6)
+        assert engine._prefetched_cost == 0
