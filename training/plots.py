@@ -51,9 +51,11 @@ def plot_training_curves(logs: dict[str, list[dict[str, float]]], out: Path) -> 
 def plot_active_units(a_u: dict[str, list[torch.Tensor]], out: Path, threshold: float = 1e-2) -> None:
     """Histogram of log10 A_u over all units, one series per model, with the threshold marked."""
     fig, ax = plt.subplots(figsize=(7, 4))
-    for label, layers in a_u.items():
-        values = torch.cat([a.double() for a in layers]).clamp_min(1e-12).log10()
-        ax.hist(values.numpy(), bins=40, range=(-12, 1), alpha=0.55, label=label)
+    series = {label: torch.cat([a.double() for a in layers]).clamp_min(1e-12).log10() for label, layers in a_u.items()}
+    low = min(min(float(v.min()) for v in series.values()), math.log10(threshold)) - 0.5
+    high = max(max(float(v.max()) for v in series.values()), 0.0) + 0.5
+    for label, values in series.items():
+        ax.hist(values.numpy(), bins=40, range=(low, high), alpha=0.55, label=label)
     ax.axvline(math.log10(threshold), color="k", linestyle="--", label="A_u = 1e-2")
     ax.set(xlabel="log10 A_u", ylabel="units", title="Active units: histogram of log A_u")
     ax.legend(fontsize=8)

@@ -196,6 +196,39 @@ def _cmd_swap(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_figures(a: argparse.Namespace) -> int:
+    """Sample grids of every model in --out-dir, one log A_u histogram over all of them, training curves."""
+    import torch
+
+    from training.datasets import binarize, load_dataset
+    from training.evaluate import active_unit_stats
+    from training.plots import plot_active_units, plot_training_curves, read_log, save_image_grid
+
+    figs: Path = a.figures
+    ckpts = sorted(a.out_dir.glob("*.safetensors"))
+    ckpts = [c for c in ckpts if not c.name.endswith(".state.safetensors")]
+    if not ckpts:
+        raise ValueError(f"no checkpoints in {a.out_dir}")
+    train_x = load_dataset("mnist", a.data_dir).train
+    au_x = binarize(
+        train_x[torch.randperm(train_x.shape[0], generator=torch.Generator().manual_seed(0))[:500]],
+        torch.Generator().manual_seed(0),
+    )
+    a_u, logs = {}, {}
+    for ckpt in ckpts:
+        model, card, _ = load_checkpoint(ckpt)
+        name = card["name"]
+        save_image_grid(model.sample(64, generator=torch.Generator().manual_seed(0)), figs / f"samples-{name}.png")
+        a_u[name] = active_unit_stats(model, au_x, seed=0)
+        log = ckpt.with_name(name + ".log.jsonl")
+        if log.exists():
+            logs[name] = read_log(log)
+    plot_active_units(a_u, figs / "active-units.png")
+    plot_training_curves(logs, figs / "training-curves.png")
+    print(f"figures written to {figs}")
+    return 0
+
+
 def write_results(a: argparse.Namespace) -> None:
     """Rewrite the generated table inside docs/results.md between its markers (or print it)."""
     table = table1_markdown(a.out_dir)
@@ -230,3 +263,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         else:
             q.add_argument("--vae", type=Path, required=True, help="converged VAE k=1 checkpoint")
             q.add_argument("--iwae", type=Path, required=True, help="converged IWAE k=50 checkpoint")
+    q = rsub.add_parser("figures", help="sample grids, log A_u histogram and training curves of --out-dir")
+    q.add_argument("--out-dir", type=Path, default=Path("runs/zoo"))
+    q.add_argument("--figures", type=Path, default=Path("docs/figures"))
+    q.add_argument("--data-dir", type=Path)
+    q.set_defaults(func=_cmd_figures)
