@@ -353,7 +353,10 @@ def main(argv: list[str] | None = None) -> int:
         f"offline images/s (target ≥ 85%): " + ("met." if ratio >= 0.85 else "**not met**."),
         "",
     ]
-    a.out.write_text("\n".join(lines))
+    # Hand-written notes after the table (a "## Notes" section) survive a re-run.
+    old = a.out.read_text() if a.out.exists() else ""
+    notes = old[old.index("\n## Notes") :] if "\n## Notes" in old else ""
+    a.out.write_text("\n".join(lines) + notes)
     print(f"wrote {a.out}")
     return 0
 
