@@ -176,8 +176,10 @@ CASES: list[tuple[str, dict[str, Any], int, str, list[str]]] = [
     ),
     (
         "truncated multipart",
-        {"content": b"--xyz\r\nContent-Disposition: form-data; name=\"files\"; filename=\"a.png\"\r\n\r\nabc",
-         "headers": {"content-type": "multipart/form-data; boundary=xyz"}},
+        {
+            "content": b'--xyz\r\nContent-Disposition: form-data; name="files"; filename="a.png"\r\n\r\nabc',
+            "headers": {"content-type": "multipart/form-data; boundary=xyz"},
+        },
         400,
         "invalid_multipart",
         ["no complete parts", "truncated"],
