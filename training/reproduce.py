@@ -220,9 +220,10 @@ def _cmd_figures(a: argparse.Namespace) -> int:
         name = card["name"]
         save_image_grid(model.sample(64, generator=torch.Generator().manual_seed(0)), figs / f"samples-{name}.png")
         a_u[name] = active_unit_stats(model, au_x, seed=0)
-        log = ckpt.with_name(name + ".log.jsonl")
-        if log.exists():
-            logs[name] = read_log(log)
+        for log in (ckpt.with_name(name + ".log.jsonl"), ckpt.parent / "logs" / f"{name}.log.jsonl"):
+            if log.exists():
+                logs[name] = read_log(log)
+                break
     plot_active_units(a_u, figs / "active-units.png")
     plot_training_curves(logs, figs / "training-curves.png")
     print(f"figures written to {figs}")
