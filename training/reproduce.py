@@ -224,7 +224,10 @@ def _cmd_figures(a: argparse.Namespace) -> int:
             if log.exists():
                 logs[name] = read_log(log)
                 break
-    plot_active_units(a_u, figs / "active-units.png")
+    # The paper's comparison (VAE vs IWAE, one layer) on its own, then every model.
+    pair = {n: a_u[n] for n in ("mnist-vae-k1-1l", "mnist-iwae-k50-1l") if n in a_u}
+    plot_active_units(pair or a_u, figs / "active-units.png")
+    plot_active_units(a_u, figs / "active-units-all.png")
     plot_training_curves(logs, figs / "training-curves.png")
     print(f"figures written to {figs}")
     return 0
