@@ -320,9 +320,9 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Made by `{cmd}` on {time.strftime('%Y-%m-%d')}: {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} CPU cores, torch {torch.__version__} ({torch.get_num_threads()} intra-op threads), "
-        "**no GPU** in this environment (the device was the CPU). The machine was shared with training jobs "
-        "running in the background, so absolute numbers are noisy (the CPU available to the service drifted "
-        "from minute to minute); the comparisons below are between measurements taken within the same minute.",
+        "**no GPU** in this environment (the device was the CPU). 1-minute load average when the table was "
+        f"written: {os.getloadavg()[0]:.2f} (the servers and the load generator share the same cores); the "
+        "comparisons below are between measurements taken within the same minute.",
         "",
         f"Model: {described}. Each request is one binary 28 × 28 image sent as `.npy` with its own seed; "
         "closed-loop load (each client sends its next request when the previous answer arrives) from a "
