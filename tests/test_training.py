@@ -174,3 +174,13 @@ def test_plot_log_draws_the_curves(tmp_path: Path) -> None:
 def test_load_checkpoint_names_a_missing_file(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="no such checkpoint"):
         load_checkpoint(tmp_path / "nope.safetensors")
+
+
+def test_resume_from_a_corrupt_training_state_names_the_file(tmp_path: Path) -> None:
+    data = synthetic_dataset()
+    out = tmp_path / "m.safetensors"
+    cfg = dict(k=2, epochs=1, val_k=5, progress=False)
+    train(TrainConfig(out=out, **cfg), data)
+    state_path(out).write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00garbage!")
+    with pytest.raises(CheckpointError, match=r"m\.state\.safetensors: unreadable training state"):
+        train(TrainConfig(out=out, resume=True, **cfg), data)

@@ -70,14 +70,11 @@ def save_train_state(
 def load_train_state(path: Path, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Restore the optimizer in place; return (RNG states, meta)."""
     data = read_bytes(path)
+    header_meta = _state_header(data, path)
     try:
         tensors = st_load(data)
-        n = int.from_bytes(data[:8], "little")
-        header_meta = json.loads(data[8 : 8 + n]).get("__metadata__", {})
     except (SafetensorError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{path}: unreadable training state (corrupt or truncated?): {e}") from e
-    if header_meta.get("format") != STATE_FORMAT:
-        raise CheckpointError(f"{path}: not a training-state file (format {header_meta.get('format')!r})")
     state: dict[int, dict[str, torch.Tensor]] = {}
     rng: dict[str, torch.Tensor] = {}
     for name, t in tensors.items():
@@ -89,3 +86,19 @@ def load_train_state(path: Path, optimizer: torch.optim.Optimizer) -> tuple[dict
             state.setdefault(int(idx), {})[key] = t
     optimizer.load_state_dict({"state": state, "param_groups": json.loads(header_meta["param_groups"])})
     return rng, json.loads(header_meta["meta"])
+
+
+def _state_header(data: bytes, path: Path) -> dict[str, str]:
+    try:
+        n = int.from_bytes(data[:8], "little")
+        header_meta = json.loads(data[8 : 8 + n]).get("__metadata__") or {}
+    except (ValueError, AttributeError) as e:
+        raise CheckpointError(f"{path}: unreadable training state (corrupt or truncated?): {e}") from e
+    if header_meta.get("format") != STATE_FORMAT:
+        raise CheckpointError(f"{path}: not a training-state file (format {header_meta.get('format')!r})")
+    return header_meta
+
+
+def read_train_state_meta(path: Path) -> dict[str, Any]:
+    """The position (epoch, step), running sums and wall time of a saved run, without its tensors."""
+    return json.loads(_state_header(read_bytes(path), path)["meta"])

@@ -6,20 +6,20 @@ import json
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
-from models.checkpoint import CheckpointError
 from models.config import ModelConfig
 from models.estimators import ESTIMATORS, get_surrogate
 from models.networks import IWAE
 from training.checkpoints import (
     load_checkpoint,
     load_train_state,
+    read_train_state_meta,
     save_checkpoint,
     save_train_state,
     state_path,
@@ -218,7 +218,7 @@ def _initial_state(cfg: TrainConfig, data: Dataset, schedule: Schedule) -> tuple
     """(model, card, epoch, step, wall time so far) for a fresh, resumed or initialised run."""
     if cfg.resume and cfg.out.exists() and state_path(cfg.out).exists():
         model, card, _ = load_checkpoint(cfg.out)
-        st_meta = _state_meta(state_path(cfg.out))
+        st_meta = read_train_state_meta(state_path(cfg.out))
         return model, card, st_meta["epoch"], st_meta["step"], float(st_meta.get("wall_time_s", 0.0))
     if cfg.resume:
         print(f"--resume: no checkpoint and state at {cfg.out}; starting a new run", file=sys.stderr)
@@ -252,17 +252,3 @@ def _initial_state(cfg: TrainConfig, data: Dataset, schedule: Schedule) -> tuple
 
 
 _CARD_SUMMARY = ("name", "objective", "k", "estimator", "epochs", "eval")
-
-
-def _state_meta(path: Path) -> dict[str, Any]:
-    data = path.read_bytes()
-    try:
-        n = int.from_bytes(data[:8], "little")
-        return json.loads(json.loads(data[8 : 8 + n])["__metadata__"]["meta"])
-    except (ValueError, KeyError) as e:
-        raise CheckpointError(f"{path}: unreadable training state: {e}") from e
-
-
-def config_dict(cfg: TrainConfig) -> dict[str, Any]:
-    d = asdict(cfg)
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}
