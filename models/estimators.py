@@ -49,17 +49,20 @@ def dreg_surrogate(model: IWAE, x: torch.Tensor, k: int) -> tuple[torch.Tensor, 
 
     Encoder: Σ_i w~_i² ∂log w_i/∂h_i · ∂h_i/∂φ (path derivative, squared weights).
     Decoder: Σ_i w~_i ∇_θ log p(x, h_i), unchanged from IWAE.
-    Two terms keep the two gradients apart: the decoder term sees the samples detached, the encoder term
-    sees every parameter detached so only the reparameterisation path reaches φ.
+    One pass serves both: the surrogate is STL's, Σ_i w~_i log w_i with log q's parameters stopped, and the
+    gradient that reaches each sample h_i from log w_i is multiplied by w~_i once more on its way to φ. The
+    extra factor sits on aliases of the samples where log w reads them, not on the sampling chain
+    h_1 -> h_2 -> ..., so a sample's gradient is scaled exactly once however many layers lie above it.
     """
     lat = model.sample_latents(x, k)
-    h_fixed = [h.detach() for h in lat.h]
-    log_p_decoder = model.log_p(x, h_fixed)
-    log_w = (log_p_decoder - lat.log_q()).detach()
+    h = [hl.view_as(hl) for hl in lat.h]
+    log_w_path = model.log_p(x, h) - model.log_q(x, h, detach_params=True)
+    log_w = log_w_path.detach()
     w = normalized_weights(log_w)
-    log_w_path = model.log_p(x, lat.h, detach_params=True) - model.log_q(x, lat.h, detach_params=True)
-    loss = -(w * log_p_decoder).sum(0).mean() - ((w * w) * log_w_path).sum(0).mean()
-    return loss, iwae_bound(log_w)
+    if log_w_path.requires_grad:
+        for alias in h:
+            alias.register_hook(lambda g, w=w: g * w.unsqueeze(-1))
+    return -(w * log_w_path).sum(0).mean(), iwae_bound(log_w)
 
 
 ESTIMATORS: dict[str, Surrogate] = {

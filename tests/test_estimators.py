@@ -200,3 +200,23 @@ def test_stl_encoder_gradient_is_biased_for_several_samples(
     biased for L_k, k > 1; DReG is the unbiased fix). This also shows the comparison above can detect a bias."""
     d = paired_encoder_differences(GRAD_CONFIGS["1layer"], "stl", 5, make_model, make_binary)
     assert max_abs_z(d) > 10 * Z_LIMIT
+
+
+def _dreg_two_pass(model: IWAE, x: torch.Tensor, k: int) -> torch.Tensor:
+    """DReG written out as two separate terms (the textbook form): decoder term on detached samples, encoder
+    term with every parameter detached and squared weights."""
+    lat = model.sample_latents(x, k)
+    log_p_decoder = model.log_p(x, [h.detach() for h in lat.h])
+    w = normalized_weights((log_p_decoder - lat.log_q()).detach())
+    log_w_path = model.log_p(x, lat.h, detach_params=True) - model.log_q(x, lat.h, detach_params=True)
+    return -(w * log_p_decoder).sum(0).mean() - ((w * w) * log_w_path).sum(0).mean()
+
+
+@CONFIGS
+def test_one_pass_dreg_equals_the_two_term_form_exactly(
+    config: ModelConfig, make_model: Callable[..., IWAE], make_binary: Callable[..., torch.Tensor]
+) -> None:
+    model, x, _ = _setup(config, make_model, make_binary, k=7)
+    params = list(model.parameters())
+    loss, _ = ESTIMATORS["dreg"](model, x, 7)
+    assert_grads_close(grads(loss, params), grads(_dreg_two_pass(model, x, 7), params))
