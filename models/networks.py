@@ -72,7 +72,6 @@ class Latents:
     """Reparameterised samples h_l = mean_l + exp(log_std_l) · eps_l of every stochastic layer, bottom first."""
 
     h: list[torch.Tensor]
-    means: list[torch.Tensor]
     log_stds: list[torch.Tensor]
     eps: list[torch.Tensor]
 
@@ -130,16 +129,15 @@ class IWAE(nn.Module):
         """Draw k reparameterised samples per image from q(h | x). x: [B, D]; noise: [k, B, d_l] per layer."""
         if noise is None:
             noise = self.draw_noise(k, x.shape[0], generator=generator, device=x.device, dtype=x.dtype)
-        hs, means, log_stds = [], [], []
+        hs, log_stds = [], []
         below: torch.Tensor = x
         for layer, eps in zip(self.q, noise, strict=True):
             mean, log_std = layer(below)
             h = mean + torch.exp(log_std) * eps
             hs.append(h)
-            means.append(mean)
             log_stds.append(log_std)
             below = h
-        return Latents(hs, means, log_stds, list(noise))
+        return Latents(hs, log_stds, list(noise))
 
     def draw_noise(
         self,

@@ -140,6 +140,7 @@ def test_eval_command_matches_the_engine_and_updates_the_card(tmp_path: Path, ca
     assert out["loglik"] == pytest.approx(float(stats.loglik.double().mean()), abs=1e-4)
     assert out["elbo"] == pytest.approx(float(stats.elbo.double().mean()), abs=1e-4)
     assert card["eval"]["test"]["loglik"] == out["loglik"]
+    assert card["eval"]["test"]["epochs_at_eval"] == card["epochs"] == 1
     assert len(card["eval"]["test"]["active_units"]) == 1
 
 

@@ -46,6 +46,7 @@ def run_eval(a: argparse.Namespace) -> dict[str, Any]:
         "split": a.split,
         "binarization": binarization,
         "seed": a.seed,
+        "epochs_at_eval": card.get("epochs"),
         "active_units": count_active(a_u),
         "active_units_threshold": ACTIVE_UNIT_THRESHOLD,
         "active_units_images": int(au_x.shape[0]),

@@ -115,12 +115,6 @@ def run_row(row: Row, a: argparse.Namespace) -> None:
     _, card, _ = load_checkpoint(ckpt)
     if _needs_eval(card, a):
         _run(_eval_argv(ckpt, a))
-        from training.checkpoints import update_card
-
-        _, card, _ = load_checkpoint(ckpt)
-        update_card(
-            ckpt, {"eval": {**card["eval"], "test": {**card["eval"]["test"], "epochs_at_eval": card["epochs"]}}}
-        )
 
 
 def _fmt_units(units: list[int]) -> str:
