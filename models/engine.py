@@ -74,6 +74,13 @@ def rows_for_budget(model: IWAE, memory_bytes: int, itemsize: int = BYTES_PER_FL
     return max(1, memory_bytes // (row_floats(model) * itemsize))
 
 
+def chunk_rows_for(model: IWAE, device: torch.device, memory_bytes: int, itemsize: int = BYTES_PER_FLOAT) -> int:
+    """The one chunk-size policy: rows within the memory budget and, on CPUs, no more than the cache-sized
+    ``DEFAULT_CHUNK_ROWS`` (larger chunks spill the [rows, D] block out of cache and run no faster there)."""
+    rows = rows_for_budget(model, memory_bytes, itemsize)
+    return rows if device.type == "cuda" else min(rows, DEFAULT_CHUNK_ROWS)
+
+
 def row_floats(model: IWAE) -> int:
     """Floats of working memory per (sample, image) row (see ``rows_for_budget``)."""
     cfg = model.config
@@ -385,8 +392,6 @@ def evaluate_batch(
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     noise = model.draw_noise(k, x.shape[0], generator=generator, device=x.device, dtype=x.dtype)
-    chunk_rows = rows_for_budget(model, memory_bytes, x.element_size())
-    if x.device.type == "cpu":  # beyond DEFAULT_CHUNK_ROWS, CPU chunks are no faster, only less cache-friendly
-        chunk_rows = min(DEFAULT_CHUNK_ROWS, chunk_rows)
+    chunk_rows = chunk_rows_for(model, x.device, memory_bytes, x.element_size())
     log_w = engine_log_weights(model, x, noise, chunk_rows=chunk_rows)
     return bound_stats(log_w)
