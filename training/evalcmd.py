@@ -10,11 +10,14 @@ from typing import Any
 import torch
 
 from models.checkpoint import finite_or_none
+from models.device import resolve_device
+from models.noise import seeded_generator
+from models.posterior import ACTIVE_UNIT_THRESHOLD, active_unit_variances, count_active
 from training.checkpoints import load_checkpoint, update_card
 from training.datasets import binarize, load_dataset
-from training.evaluate import ACTIVE_UNIT_THRESHOLD, active_unit_stats, count_active, evaluate_dataset
+from training.evaluate import evaluate_dataset
 from training.plots import plot_active_units
-from training.train import hardware, resolve_device
+from training.train import hardware
 
 SUBSET = 500
 
@@ -38,7 +41,7 @@ def run_eval(a: argparse.Namespace) -> dict[str, Any]:
     res = evaluate_dataset(model, x, a.k, seed=a.seed, memory_bytes=a.memory_mb * 2**20, progress=not a.no_progress)
     au_x, _ = split_images(card, "train", a.seed, a.data_dir)
     au_x = au_x[torch.randperm(au_x.shape[0], generator=torch.Generator().manual_seed(a.seed))[: a.au_images]]
-    a_u = active_unit_stats(model, au_x, seed=a.seed)
+    a_u = active_unit_variances(model, au_x.to(device, torch.float32), generator=seeded_generator(device, a.seed))
     hist = a.histogram or a.ckpt.with_name(a.ckpt.name.removesuffix(".safetensors") + ".active-units.png")
     plot_active_units({card.get("name", a.ckpt.stem): a_u}, hist)
     result: dict[str, Any] = {

@@ -12,6 +12,8 @@ matplotlib.use("Agg")  # no display on servers and CI
 import matplotlib.pyplot as plt
 import torch
 
+from models.posterior import ACTIVE_UNIT_THRESHOLD
+
 
 def read_log(path: Path) -> list[dict[str, float]]:
     if not path.is_file():
@@ -48,7 +50,7 @@ def plot_training_curves(logs: dict[str, list[dict[str, float]]], out: Path) -> 
     plt.close(fig)
 
 
-def plot_active_units(a_u: dict[str, list[torch.Tensor]], out: Path, threshold: float = 1e-2) -> None:
+def plot_active_units(a_u: dict[str, list[torch.Tensor]], out: Path, threshold: float = ACTIVE_UNIT_THRESHOLD) -> None:
     """Histogram of log10 A_u over all units, one series per model, with the threshold marked."""
     fig, ax = plt.subplots(figsize=(7, 4))
     series = {label: torch.cat([a.double() for a in layers]).clamp_min(1e-12).log10() for label, layers in a_u.items()}
@@ -56,7 +58,7 @@ def plot_active_units(a_u: dict[str, list[torch.Tensor]], out: Path, threshold: 
     high = max(max(float(v.max()) for v in series.values()), 0.0) + 0.5
     for label, values in series.items():
         ax.hist(values.numpy(), bins=40, range=(low, high), alpha=0.55, label=label)
-    ax.axvline(math.log10(threshold), color="k", linestyle="--", label="A_u = 1e-2")
+    ax.axvline(math.log10(threshold), color="k", linestyle="--", label=f"A_u = {threshold:g}")
     ax.set(xlabel="log10 A_u", ylabel="units", title="Active units: histogram of log A_u")
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -194,8 +194,8 @@ def _cmd_figures(a: argparse.Namespace) -> int:
     """Sample grids of every model in --out-dir, one log A_u histogram over all of them, training curves."""
     import torch
 
+    from models.posterior import active_unit_variances
     from training.datasets import binarize, load_dataset
-    from training.evaluate import active_unit_stats
     from training.plots import plot_active_units, plot_training_curves, read_log, save_image_grid
 
     figs: Path = a.figures
@@ -213,7 +213,7 @@ def _cmd_figures(a: argparse.Namespace) -> int:
         model, card, _ = load_checkpoint(ckpt)
         name = card["name"]
         save_image_grid(model.sample(64, generator=torch.Generator().manual_seed(0)), figs / f"samples-{name}.png")
-        a_u[name] = active_unit_stats(model, au_x, seed=0)
+        a_u[name] = active_unit_variances(model, au_x, generator=torch.Generator().manual_seed(0))
         for log in (ckpt.with_name(name + ".log.jsonl"), ckpt.parent / "logs" / f"{name}.log.jsonl"):
             if log.exists():
                 logs[name] = read_log(log)

@@ -14,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 from models.config import ModelConfig
+from models.device import resolve_device
 from models.estimators import ESTIMATORS, get_surrogate
 from models.networks import IWAE
 from training.checkpoints import (
@@ -76,16 +77,6 @@ class TrainConfig:
         Schedule(self.schedule, self.epochs, self.lr)  # validates name and epochs
         if self.resume and self.init_from is not None:
             raise ValueError("--resume and --init-from are exclusive: resume continues the run at --out")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but no CUDA device is available")
-    if name not in ("cpu", "cuda"):
-        raise ValueError(f"--device must be auto, cpu or cuda, got {name!r}")
-    return torch.device(name)
 
 
 def hardware(device: torch.device) -> str:
