@@ -7,8 +7,10 @@ a missing or bad file raises DatasetError naming the file and the command that f
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
+import io
 import os
 import zlib
 from collections.abc import Callable, Mapping
@@ -19,6 +21,8 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 from platformdirs import user_cache_dir
+
+from training.files import atomic_write_bytes
 
 NAMES = ("mnist", "binarized-mnist", "omniglot")
 SIDE = 28
@@ -364,14 +368,10 @@ def _downsampled(path: Path) -> np.ndarray:
             pass  # a half-written or damaged cache entry: recompute it
     pen = npz_pen(path) if path.suffix == ".npz" else _png_pen(path)
     small = area_downsample(pen).reshape(-1, PIXELS)
-    try:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_suffix(f".{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
-            np.save(f, small)
-        os.replace(tmp, cached)
-    except OSError:
-        pass  # caching is an optimisation; a read-only cache dir only costs time
+    buf = io.BytesIO()
+    np.save(buf, small)
+    with contextlib.suppress(OSError):  # caching is an optimisation; a read-only cache dir only costs time
+        atomic_write_bytes(cached, buf.getvalue())
     return small
 
 
