@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 PAPER_STAGES = 8
 PAPER_BASE_LR = 1e-3
+# Every schedule name (the `iwae train --schedule` choices come from here). All but ``paper`` need an epoch budget.
+SCHEDULES = ("paper", "compressed", "constant")
 
 
 def paper_stage_lengths() -> list[int]:
@@ -32,8 +34,8 @@ class Schedule:
     lr: float = PAPER_BASE_LR
 
     def __post_init__(self) -> None:
-        if self.name not in ("paper", "compressed", "constant"):
-            raise ValueError(f"unknown schedule {self.name!r}; choose paper, compressed or constant")
+        if self.name not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.name!r}; choose {', '.join(SCHEDULES)}")
         if self.name == "paper" and self.epochs != sum(paper_stage_lengths()):
             raise ValueError(f"the paper schedule is {sum(paper_stage_lengths())} epochs, got {self.epochs}")
         if self.epochs < 1:
