@@ -1,7 +1,8 @@
 """`iwae reproduce`: the paper's Table 1 grid and objective-swap experiment under an epoch budget.
 
 Each row trains (resuming an interrupted run), evaluates test L_5000 into its model card, and the table is
-rewritten after every row, so an interrupted reproduction picks up where it stopped.
+rewritten after every row, so an interrupted reproduction picks up where it stopped. Runs are driven through
+the typed configs (``train(TrainConfig)``, ``evaluate_checkpoint(EvalConfig)``), never through argv.
 """
 
 from __future__ import annotations
