@@ -26,11 +26,13 @@ def _help(*argv: str, capsys: pytest.CaptureFixture) -> str:
     return capsys.readouterr().out
 
 
-@pytest.mark.parametrize(("command", "config"), [("train", TrainConfig), ("eval", EvalConfig)])
+@pytest.mark.parametrize(
+    ("command", "config"), [("train", TrainConfig), ("eval", EvalConfig), ("reproduce table1", reproduce.Plan)]
+)
 def test_help_lists_every_config_field_with_its_default(
     command: str, config: type, capsys: pytest.CaptureFixture
 ) -> None:
-    text = " ".join(_help(command, capsys=capsys).split())
+    text = " ".join(_help(*command.split(), capsys=capsys).split())
     for f in cli_fields(config):
         if f.metadata["positional"]:
             assert f.name in text
@@ -49,6 +51,10 @@ def test_parsed_defaults_are_the_config_defaults() -> None:
     )
     args = build_parser().parse_args(["eval", "m.safetensors"])
     assert from_arguments(EvalConfig, args) == EvalConfig(ckpt=Path("m.safetensors"))
+    args = build_parser().parse_args(["reproduce", "swap", "--budget", "2", "--vae", "v", "--iwae", "i"])
+    args.argv = ["reproduce", "swap", "--budget", "2"]
+    plan = reproduce.Plan.from_args(args)
+    assert plan == reproduce.Plan(budget=2, command="iwae reproduce swap --budget 2")
 
 
 def test_choices_come_from_one_place() -> None:

@@ -11,7 +11,7 @@ import argparse
 import json
 import shlex
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,8 @@ import torch
 
 from models.device import DEVICE_CHOICES
 from training.checkpoints import load_checkpoint
-from training.config import EvalConfig, TrainConfig
+from training.cliargs import add_arguments, arg, from_arguments, positive_int
+from training.config import LAYERS, OBJECTIVES, EvalConfig, TrainConfig
 from training.eval_checkpoint import evaluate_checkpoint
 from training.train import train
 
@@ -64,7 +65,7 @@ class Row:
             raise ValueError(
                 f"bad row name {name!r}: expected DATASET-OBJECTIVE-kK-Ll, e.g. mnist-iwae-k50-1l"
             ) from None
-        if row.name != name or row.objective not in ("vae", "iwae") or row.layers not in (1, 2):
+        if row.name != name or row.objective not in OBJECTIVES or row.layers not in LAYERS:
             raise ValueError(f"bad row name {name!r}: expected DATASET-OBJECTIVE-kK-Ll, e.g. mnist-iwae-k50-1l")
         return row
 
@@ -74,22 +75,25 @@ ALL_ROWS = [Row(dataset, layers, objective, k) for (dataset, layers, objective, 
 
 @dataclass(frozen=True)
 class Plan:
-    """How every run of a reproduction is trained and evaluated (the `iwae reproduce` flags)."""
+    """How every run of a reproduction is trained and evaluated (the common `iwae reproduce` flags)."""
 
-    budget: int  # epochs per run, on the compressed paper schedule
-    seed: int = 1
-    device: str = "auto"
-    data_root: Path | None = None
-    out_dir: Path = Path("runs/zoo")
-    eval_images: int | None = None  # evaluate on the first N test images (None: all 10,000)
-    command: str | None = None  # the reproduce command line, for the model cards
+    budget: int = field(metadata=arg("epochs per run (compressed paper schedule)", type=positive_int))
+    seed: int = field(default=1, metadata=arg("seed of every run"))
+    device: str = field(default="auto", metadata=arg("torch device", choices=DEVICE_CHOICES))
+    data_root: Path | None = field(
+        default=None, metadata=arg("data directory (default: IWAE_DATA_DIR or a cache dir)", flag="--data-dir")
+    )
+    out_dir: Path = field(default=Path("runs/zoo"), metadata=arg("checkpoints and logs"))
+    eval_images: int | None = field(
+        default=None, metadata=arg("evaluate on the first N test images (default: all)", type=positive_int)
+    )
+    command: str | None = field(default=None, metadata=arg("", cli=False))  # for the model cards
 
     @classmethod
     def from_args(cls, a: argparse.Namespace) -> Plan:
         if a.threads:
             torch.set_num_threads(a.threads)
-        command = "iwae " + shlex.join(getattr(a, "argv", sys.argv[1:]))
-        return cls(a.budget, a.seed, a.device, a.data_dir, a.out_dir, a.eval_images, command)
+        return from_arguments(cls, a, command="iwae " + shlex.join(getattr(a, "argv", sys.argv[1:])))
 
     def train(self, out: Path, row: Row, init_from: Path | None = None) -> None:
         """Train ``out`` (continuing an interrupted or finished run there, else starting from ``init_from``)."""
@@ -271,14 +275,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     rsub = p.add_subparsers(dest="experiment", required=True)
     for name, func in (("table1", _cmd_table1), ("swap", _cmd_swap)):
         q = rsub.add_parser(name)
-        q.add_argument("--budget", type=int, required=True, help="epochs per run (compressed paper schedule)")
-        q.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
-        q.add_argument("--seed", type=int, default=1)
-        q.add_argument("--threads", type=int)
-        q.add_argument("--data-dir", type=Path)
-        q.add_argument("--out-dir", type=Path, default=Path("runs/zoo"), help="checkpoints and logs")
-        q.add_argument("--results", type=Path, default=Path("docs/results.md"), help="table to (re)write")
-        q.add_argument("--eval-images", type=int, help="evaluate on the first N test images (default all)")
+        add_arguments(q, Plan)
+        q.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
+        q.add_argument(
+            "--results", type=Path, default=Path("docs/results.md"), help="table to (re)write (default: %(default)s)"
+        )
         q.set_defaults(func=func)
         if name == "table1":
             q.add_argument("--rows", nargs="+", help="rows to run, e.g. mnist-iwae-k50-1l (default: all 12)")
@@ -286,7 +287,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             q.add_argument("--vae", type=Path, required=True, help="converged VAE k=1 checkpoint")
             q.add_argument("--iwae", type=Path, required=True, help="converged IWAE k=50 checkpoint")
     q = rsub.add_parser("figures", help="sample grids, log A_u histogram and training curves of --out-dir")
-    q.add_argument("--out-dir", type=Path, default=Path("runs/zoo"))
-    q.add_argument("--figures", type=Path, default=Path("docs/figures"))
-    q.add_argument("--data-dir", type=Path)
+    q.add_argument("--out-dir", type=Path, default=Path("runs/zoo"), help="checkpoints (default: %(default)s)")
+    q.add_argument("--figures", type=Path, default=Path("docs/figures"), help="output folder (default: %(default)s)")
+    q.add_argument("--data-dir", type=Path, help="data directory (default: IWAE_DATA_DIR or a cache dir)")
     q.set_defaults(func=_cmd_figures)
