@@ -163,7 +163,7 @@ async def test_async_client_against_the_app(svc: InProcessService, tmp_path: Pat
 
 
 async def test_async_client_retries_a_full_queue(svc: InProcessService) -> None:
-    engine = svc.engine()
+    engine = svc.scheduler()
     engine.pause()
     blocker = asyncio.create_task(
         svc.client.post("/loglik?k=5&seed=0", json={"images": binary(1).reshape(1, -1).tolist()})
