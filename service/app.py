@@ -17,7 +17,7 @@ from service.errors import install_error_handlers
 from service.metrics import Metrics, MetricsMiddleware
 from service.middleware import BodyLimitMiddleware
 from service.registry import ModelRegistry
-from service.routes import ROUTERS
+from service.routes import ROUTE_GROUPS
 from service.settings import Settings
 from service.state import ServiceState
 
@@ -49,8 +49,8 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     install_error_handlers(app)
-    for router in ROUTERS:
-        app.include_router(router(settings))
+    for add_routes in ROUTE_GROUPS:
+        add_routes(app.router, settings)
     return app
 
 

@@ -1,8 +1,10 @@
-"""Request plumbing shared by the routes, as FastAPI dependencies: the app's state, the model a request names,
-its seed, its images, the refusal of unknown or invalid query parameters, and running a job on the model's
-scheduler.
+"""Request plumbing shared by the routes, as FastAPI dependencies: the refusal of unknown or invalid query
+parameters (`check_query`), and the preamble of every computing route: the app's state, the model the request
+names, its seed, its images, and running a job on that model's scheduler (`model_request`, `image_request`).
 
-All are ``async``: FastAPI runs a plain function in a worker thread, a costly hop for such small work.
+A route takes one of the two preamble dependencies rather than one per step: FastAPI solves a dependency's own
+dependencies again wherever it is used, and that per-request cost showed on small requests. All are
+``async``: FastAPI runs a plain function in a worker thread, a costly hop for such small work.
 
 `check_query` is the first dependency of every route that computes. FastAPI calls a dependency as soon as its
 own parameters are valid, even when another parameter of the route is not; checking every query parameter
@@ -27,28 +29,11 @@ from service.errors import PayloadTooLargeError, UnknownParameterError
 from service.inputs import Binarize, InputSpec, read_images
 from service.jobs import Job
 from service.registry import LoadedModel
-from service.settings import Settings
 from service.state import ServiceState
 
 T = TypeVar("T")
 MAX_SEED = 2**63 - 1
 
-
-async def get_state(request: Request) -> ServiceState:
-    return request.app.state.service
-
-
-State = Annotated[ServiceState, Depends(get_state)]
-
-
-async def get_settings(state: State) -> Settings:
-    return state.settings
-
-
-AppSettings = Annotated[Settings, Depends(get_settings)]
-
-
-# --- the query parameters every computing route shares ------------------------------------------------------
 ModelQuery = Annotated[str | None, Query(description="Model name (see GET /models); the default model when omitted.")]
 SeedQuery = Annotated[
     int | None,
@@ -71,25 +56,51 @@ ResizeQuery = Annotated[
 ]
 
 
-async def loaded_model(state: State, model: ModelQuery = None) -> LoadedModel:
-    """The model the request names (404 unknown_model), or the default one."""
-    return state.loaded(model)
+def service_state(request: Request) -> ServiceState:
+    return request.app.state.service
 
 
-Model = Annotated[LoadedModel, Depends(loaded_model)]
+async def get_state(request: Request) -> ServiceState:
+    return service_state(request)
 
 
-async def request_seed(seed: SeedQuery = None) -> int:
+State = Annotated[ServiceState, Depends(get_state)]
+
+
+def pick_seed(seed: int | None) -> int:
     # 53 bits when chosen here: exact in every JSON client, including JavaScript's doubles.
     return seed if seed is not None else secrets.randbits(53)
 
 
-Seed = Annotated[int, Depends(request_seed)]
+@dataclass(frozen=True)
+class ModelRequest:
+    """A request to compute with one model: the model (the default one unless named), the seed, and how to
+    run jobs on the model's scheduler."""
+
+    loaded: LoadedModel
+    seed: int
+    state: ServiceState
+    request: Request
+
+    async def run(self, job: Job[T]) -> T:
+        """Queue ``job`` on the model's scheduler and wait for it: 504 after IWAE_TIMEOUT_S, dropped if the
+        client goes away."""
+        scheduler = self.state.scheduler(self.loaded)
+        return await scheduler.run(job, self.state.settings.timeout_s, self.request.receive)
+
+    def check_cost(self, n: int, per_image: int, what: str) -> None:
+        """413 request_too_large when n images × ``per_image`` samples is over IWAE_MAX_REQUEST_COST."""
+        limit = self.state.settings.max_request_cost
+        if n * per_image > limit:
+            raise PayloadTooLargeError(
+                f"request too large: {n} images × {what} {per_image} = {n * per_image}, over the per-request limit "
+                f"of {limit} (IWAE_MAX_REQUEST_COST); send fewer images or a smaller {what}"
+            )
 
 
 @dataclass(frozen=True)
-class Images:
-    """The request's images, decoded, validated and binarized: x [N, x_dim] float32 0/1 on the CPU."""
+class ImageRequest(ModelRequest):
+    """A model request with images: x [N, x_dim], decoded, validated and binarized (float32 0/1, CPU)."""
 
     x: torch.Tensor
     binarize: Binarize
@@ -99,50 +110,28 @@ class Images:
         return int(self.x.shape[0])
 
 
-async def request_images(
+async def model_request(request: Request, seed: SeedQuery = None, model: ModelQuery = None) -> ModelRequest:
+    state = service_state(request)
+    return ModelRequest(state.loaded(model), pick_seed(seed), state, request)
+
+
+async def image_request(
     request: Request,
-    settings: AppSettings,
-    loaded: Model,
-    seed: Seed,
+    model: ModelQuery = None,
+    seed: SeedQuery = None,
     binarize: BinarizeQuery = Binarize.none,
     resize: ResizeQuery = False,
-) -> Images:
+) -> ImageRequest:
+    state = service_state(request)
+    loaded, seed = state.loaded(model), pick_seed(seed)
+    settings = state.settings
     spec = InputSpec(loaded.x_dim, loaded.image_shape, settings.max_images)
     x = await read_images(request, spec, binarize, seed, resize, settings.max_body_bytes)
-    return Images(x, binarize)
+    return ImageRequest(loaded, seed, state, request, x, binarize)
 
 
-RequestImages = Annotated[Images, Depends(request_images)]
-
-
-def check_cost(settings: Settings, n: int, per_image: int, what: str) -> None:
-    """413 request_too_large when n images × ``per_image`` samples is over IWAE_MAX_REQUEST_COST."""
-    if n * per_image > settings.max_request_cost:
-        raise PayloadTooLargeError(
-            f"request too large: {n} images × {what} {per_image} = {n * per_image}, over the per-request limit "
-            f"of {settings.max_request_cost} (IWAE_MAX_REQUEST_COST); send fewer images or a smaller {what}"
-        )
-
-
-@dataclass(frozen=True)
-class Runner:
-    """Runs jobs on the request's model: queued on its scheduler, within IWAE_TIMEOUT_S, dropped if the
-    client goes away."""
-
-    state: ServiceState
-    loaded: LoadedModel
-    request: Request
-
-    async def __call__(self, job: Job[T]) -> T:
-        scheduler = self.state.scheduler(self.loaded)
-        return await scheduler.run(job, self.state.settings.timeout_s, self.request.receive)
-
-
-async def job_runner(request: Request, state: State, loaded: Model) -> Runner:
-    return Runner(state, loaded, request)
-
-
-Run = Annotated[Runner, Depends(job_runner)]
+Computation = Annotated[ModelRequest, Depends(model_request)]
+ImageComputation = Annotated[ImageRequest, Depends(image_request)]
 
 
 # --- query parameter checks -------------------------------------------------------------------------------
@@ -163,23 +152,27 @@ def _query_params(dependant: Dependant) -> list[Any]:
 
 def check_query() -> Sequence[Any]:
     """A route's first dependency: 422 unknown_parameter for a parameter the route does not take (``?K=50`` is
-    not silently ignored), then 422 invalid_parameter for every invalid one, before any other dependency runs.
-    One per route: it learns the route's parameters on its first request."""
-    params: list[Any] = []
+    not silently ignored), then 422 invalid_parameter if one of the route's own parameters is invalid (naming
+    every invalid parameter of the route). The parameters of its other dependencies are validated by FastAPI
+    before that dependency runs. One per route: it learns the route's parameters on its first request."""
+    own: list[Any] = []
+    every: list[Any] = []
     allowed: set[str] = set()
 
     async def check(request: Request) -> None:
         if not allowed:
             route: APIRoute = request.scope["route"]
-            params.extend(_query_params(route.dependant))
-            allowed.update(p.alias for p in params)
+            own.extend(route.dependant.query_params)
+            every.extend(_query_params(route.dependant))
+            allowed.update(p.alias for p in every)
         unknown = sorted(set(request.query_params) - allowed)
         if unknown:
             raise UnknownParameterError(
                 f"unknown query parameter(s) {', '.join(unknown)}; this endpoint takes {', '.join(sorted(allowed))}"
             )
-        _, errors = request_params_to_args(params, request.query_params)
+        _, errors = request_params_to_args(own, request.query_params)
         if errors:
+            _, errors = request_params_to_args(every, request.query_params)
             raise RequestValidationError(errors)
 
     return [Depends(check)]

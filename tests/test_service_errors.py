@@ -337,3 +337,20 @@ def test_error_classes_carry_their_status_and_code() -> None:
     assert BodyTooLargeError("big").headers == {"Connection": "close"}
     for cls in (UnknownModelError, QueueFullError, InvalidInputError, JobTimeoutError, BodyTooLargeError):
         assert issubclass(cls, ServiceError) and cls.default_code in set(ErrorCode)
+
+
+async def test_parameters_are_checked_before_the_model_and_the_body(svc: InProcessService) -> None:
+    # An invalid parameter wins over an unknown model and over a bad body: nothing is looked up or read first.
+    r = await svc.client.post("/loglik?k=0&model=nope", json={"images": ones()})
+    check(r, 422, "invalid_parameter", ["k"])
+    r = await svc.client.post("/loglik?k=0", content=b"not json", headers={"content-type": "application/json"})
+    check(r, 422, "invalid_parameter", ["k"])
+    r = await svc.client.get("/sample?n=0&model=nope")
+    check(r, 422, "invalid_parameter", ["n"])
+    # Every invalid parameter is named, in the order the endpoint lists them.
+    r = await svc.client.post("/loglik?binarize=otsu&k=0&seed=-1", json={"images": ones()})
+    check(r, 422, "invalid_parameter", ["k", "seed", "binarize"])
+    detail = r.json()["detail"]
+    assert detail.index("parameter k") < detail.index("parameter seed") < detail.index("parameter binarize")
+    # Unknown names are reported before invalid values.
+    check(await svc.client.post("/loglik?k=0&K=3", json={"images": ones()}), 422, "unknown_parameter", ["K"])

@@ -9,15 +9,14 @@ from fastapi import APIRouter, Query
 from models import posterior
 from models.posterior import ACTIVE_UNIT_THRESHOLD, UPPER_LAYER_SAMPLES
 from service import jobs, schemas
-from service.deps import Model, RequestImages, Run, Seed, check_cost, check_query
+from service.deps import ImageComputation, check_query
 from service.errors import ErrorCode, InvalidInputError
 from service.jobs import CallJob
 from service.routes.openapi import IMAGE_ROUTE_ERRORS, error_responses, image_body
 from service.settings import Settings
 
 
-def router(settings: Settings) -> APIRouter:
-    r = APIRouter()
+def add_routes(r: APIRouter, settings: Settings) -> None:
     SamplesQuery = Annotated[
         int, Query(ge=1, le=settings.max_k, description="Draws for upper-layer posterior means (2-layer models).")
     ]
@@ -34,28 +33,26 @@ def router(settings: Settings) -> APIRouter:
         "Upper-layer means are averaged over `samples` draws of the layer below.",
     )
     async def active_units(
-        loaded: Model, seed: Seed, images: RequestImages, run: Run, samples: SamplesQuery = UPPER_LAYER_SAMPLES
+        req: ImageComputation, samples: SamplesQuery = UPPER_LAYER_SAMPLES
     ) -> schemas.ActiveUnitsResponse:
-        n = images.n
+        n = req.n
         if n < 2:
             raise InvalidInputError(
                 f"active units need at least 2 images (a variance across images); got {n}", ErrorCode.too_few_images
             )
-        per_image = samples if loaded.model.config.n_layers > 1 else 1
-        check_cost(settings, n, per_image, "samples")
-        variances = await run(CallJob(fn=jobs.active_units(images.x, samples, seed), cost=n * per_image))
+        per_image = samples if req.loaded.model.config.n_layers > 1 else 1
+        req.check_cost(n, per_image, "samples")
+        variances = await req.run(CallJob(fn=jobs.active_units(req.x, samples, req.seed), cost=n * per_image))
         layers = [_layer(i + 1, a) for i, a in enumerate(variances)]
         return schemas.ActiveUnitsResponse(
-            model=loaded.name,
-            seed=seed,
-            binarize=images.binarize.value,
+            model=req.loaded.name,
+            seed=req.seed,
+            binarize=req.binarize.value,
             n_images=n,
             threshold=ACTIVE_UNIT_THRESHOLD,
             active_total=sum(layer.active for layer in layers),
             layers=layers,
         )
-
-    return r
 
 
 def _layer(index: int, a_u: torch.Tensor) -> schemas.LayerActiveUnits:

@@ -6,14 +6,13 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from service import jobs, schemas
-from service.deps import Model, RequestImages, Run, Seed, check_cost, check_query
+from service.deps import ImageComputation, check_query
 from service.jobs import CallJob
 from service.routes.openapi import IMAGE_ROUTE_ERRORS, error_responses, image_body
 from service.settings import Settings
 
 
-def router(settings: Settings) -> APIRouter:
-    r = APIRouter()
+def add_routes(r: APIRouter, settings: Settings) -> None:
     SamplesQuery = Annotated[
         int, Query(ge=0, le=settings.max_k, description="Draws per image from q(h|x) to return (0: none).")
     ]
@@ -29,19 +28,14 @@ def router(settings: Settings) -> APIRouter:
         "code (exact for layer 1; Monte Carlo moments over 100 draws for upper layers), and `samples` draws "
         "from q(h|x) on request (the same draws /loglik weighs with k=samples and the same seed).",
     )
-    async def encode(
-        loaded: Model, seed: Seed, images: RequestImages, run: Run, samples: SamplesQuery = 0
-    ) -> schemas.EncodeResponse:
-        cost = images.n * max(samples, 1)
-        check_cost(settings, images.n, max(samples, 1), "samples")
-        layers = await run(CallJob(fn=jobs.encode(images.x, samples, seed), cost=cost))
+    async def encode(req: ImageComputation, samples: SamplesQuery = 0) -> schemas.EncodeResponse:
+        req.check_cost(req.n, max(samples, 1), "samples")
+        layers = await req.run(CallJob(fn=jobs.encode(req.x, samples, req.seed), cost=req.n * max(samples, 1)))
         return schemas.EncodeResponse(
-            model=loaded.name,
-            seed=seed,
-            binarize=images.binarize.value,
-            n_images=images.n,
+            model=req.loaded.name,
+            seed=req.seed,
+            binarize=req.binarize.value,
+            n_images=req.n,
             samples=samples,
             layers=layers,
         )
-
-    return r

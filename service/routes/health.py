@@ -11,8 +11,7 @@ from service.routes.openapi import error_responses
 from service.settings import Settings
 
 
-def router(settings: Settings) -> APIRouter:
-    r = APIRouter()
+def add_routes(r: APIRouter, settings: Settings) -> None:
 
     @r.get("/healthz", response_model=schemas.HealthResponse, summary="Liveness: the process answers")
     async def healthz() -> schemas.HealthResponse:
@@ -34,5 +33,3 @@ def router(settings: Settings) -> APIRouter:
     @r.get("/metrics", summary="Prometheus metrics", response_class=Response)
     async def prometheus_metrics(state: State) -> Response:
         return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
-
-    return r

@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from service import schemas
-from service.deps import Model, RequestImages, Run, Seed, check_cost, check_query
+from service.deps import ImageComputation, check_query
 from service.inputs import bits_per_dim
 from service.jobs import LoglikJob
 from service.routes.openapi import IMAGE_ROUTE_ERRORS, error_responses, image_body
@@ -19,8 +19,7 @@ def _finite(v: float) -> float | None:
     return v if math.isfinite(v) else None
 
 
-def router(settings: Settings) -> APIRouter:
-    r = APIRouter()
+def add_routes(r: APIRouter, settings: Settings) -> None:
     KQuery = Annotated[
         int, Query(ge=1, le=settings.max_k, description=f"Importance samples per image, 1..{settings.max_k}.")
     ]
@@ -37,27 +36,24 @@ def router(settings: Settings) -> APIRouter:
         "drawn with the seed. Concurrent requests are batched; each gets exactly the answer it would get alone. "
         f"503 responses carry Retry-After ({settings.retry_after_s} s).",
     )
-    async def loglik(
-        loaded: Model,
-        seed: Seed,
-        images: RequestImages,
-        run: Run,
-        k: KQuery = min(5000, settings.max_k),
-    ) -> schemas.LoglikResponse:
-        check_cost(settings, images.n, k, "k")
-        stats = await run(LoglikJob.of(images.x, k, seed))
+    async def loglik(req: ImageComputation, k: KQuery = min(5000, settings.max_k)) -> schemas.LoglikResponse:
+        req.check_cost(req.n, k, "k")
+        stats = await req.run(LoglikJob.of(req.x, k, req.seed))
         results = [
             schemas.ImageLoglik(
                 loglik=float(ll),
                 stderr=_finite(float(se)),
                 ess=float(ess),
                 elbo=float(el),
-                bits_per_dim=bits_per_dim(float(ll), loaded.x_dim),
+                bits_per_dim=bits_per_dim(float(ll), req.loaded.x_dim),
             )
             for ll, se, ess, el in zip(stats.loglik, stats.stderr, stats.ess, stats.elbo, strict=True)
         ]
         return schemas.LoglikResponse(
-            model=loaded.name, k=k, seed=seed, binarize=images.binarize.value, n_images=len(results), results=results
+            model=req.loaded.name,
+            k=k,
+            seed=req.seed,
+            binarize=req.binarize.value,
+            n_images=len(results),
+            results=results,
         )
-
-    return r

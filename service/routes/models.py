@@ -10,8 +10,7 @@ from service.routes.openapi import error_responses
 from service.settings import Settings
 
 
-def router(settings: Settings) -> APIRouter:
-    r = APIRouter()
+def add_routes(r: APIRouter, settings: Settings) -> None:
 
     @r.get(
         "/models",
@@ -39,5 +38,3 @@ def router(settings: Settings) -> APIRouter:
         reg = state.models()
         loaded = reg.get(name)
         return loaded.describe(loaded.name == reg.default)
-
-    return r

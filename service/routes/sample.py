@@ -12,15 +12,14 @@ from fastapi.responses import Response
 from PIL import Image
 
 from service import jobs, schemas
-from service.deps import Model, Run, Seed, check_query
+from service.deps import Computation, check_query
 from service.errors import ErrorCode, InvalidInputError
 from service.jobs import CallJob
 from service.routes.openapi import error_responses
 from service.settings import Settings
 
 
-def router(settings: Settings) -> APIRouter:
-    r = APIRouter()
+def add_routes(r: APIRouter, settings: Settings) -> None:
     NQuery = Annotated[int, Query(ge=1, le=settings.max_n, description=f"Number of samples, 1..{settings.max_n}.")]
     FormatQuery = Annotated[Literal["json", "png"], Query(description="json or png (a grid image).")]
     PixelsQuery = Annotated[
@@ -40,20 +39,19 @@ def router(settings: Settings) -> APIRouter:
         "one binary draw; format=png returns the probabilities (or, with pixels=binary, the draws) as a grid.",
     )
     async def sample(
-        seed: Seed,
-        loaded: Model,
-        run: Run,
+        req: Computation,
         n: NQuery = 16,
         format: FormatQuery = "json",
         pixels: PixelsQuery = "probs",
     ) -> schemas.SampleResponse | Response:
+        loaded, seed = req.loaded, req.seed
         shape = loaded.image_shape
         if format == "png" and shape is None:
             raise InvalidInputError(
                 f"model {loaded.name!r} has no image shape (x_dim {loaded.x_dim}); use format=json",
                 ErrorCode.not_an_image_model,
             )
-        probs, binary = await run(CallJob(fn=jobs.sample(n, seed), cost=n))
+        probs, binary = await req.run(CallJob(fn=jobs.sample(n, seed), cost=n))
         if format == "png" and shape is not None:
             shown = probs if pixels == "probs" else binary.astype(np.float64)
             png = await asyncio.to_thread(grid_png, shown.reshape(n, *shape))
@@ -69,8 +67,6 @@ def router(settings: Settings) -> APIRouter:
             probs=probs.tolist(),
             binary=binary.tolist(),
         )
-
-    return r
 
 
 def grid_png(images: np.ndarray, pad: int = 2) -> bytes:
