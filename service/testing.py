@@ -70,7 +70,7 @@ class InProcessService:
 
 @asynccontextmanager
 async def serve_in_process(
-    settings: Settings, registry: ModelRegistry | None = None, ready_timeout: float = 30.0
+    settings: Settings, registry: ModelRegistry | None = None, ready_timeout: float = 120.0
 ) -> AsyncIterator[InProcessService]:
     """Run the app's startup (load, warm up), yield an httpx client bound to it, then shut it down."""
     app = create_app(settings, registry=registry)
