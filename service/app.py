@@ -28,6 +28,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from models.posterior import reconstruct
 from service import schemas
 from service.batching import (
     BatchingEngine,
@@ -43,6 +44,7 @@ from service.inputs import Binarize, InputError, InputSpec, bits_per_dim, read_i
 from service.metrics import Metrics, MetricsMiddleware
 from service.registry import LoadedModel, ModelRegistry, UnknownModelError
 from service.settings import Settings
+from service.web import mount_web
 
 log = logging.getLogger("iwae.service")
 
@@ -378,6 +380,19 @@ def _sample_job(n: int, seed: int) -> Callable[[LoadedModel], tuple[np.ndarray, 
     return run
 
 
+def _reconstruct_job(
+    x: torch.Tensor, samples: int, seed: int
+) -> Callable[[LoadedModel], tuple[np.ndarray, np.ndarray]]:
+    def run(lm: LoadedModel) -> tuple[np.ndarray, np.ndarray]:
+        n = int(x.shape[0])
+        # The /loglik noise convention: the draws decode the first `samples` samples /loglik weighs.
+        noise = [e.to(lm.device) for e in draw_request_noise(lm.model, samples, n, seed)] if samples else None
+        mean, draws = reconstruct(lm.model, x.to(lm.device), noise)
+        return mean.double().cpu().numpy(), draws.transpose(0, 1).double().cpu().numpy()
+
+    return run
+
+
 def _active_units_job(x: torch.Tensor, samples: int, seed: int) -> Callable[[LoadedModel], list[np.ndarray]]:
     def run(lm: LoadedModel) -> list[np.ndarray]:
         # Same estimator as `iwae eval` (training.evaluate.active_unit_stats): unbiased variance in float64.
@@ -416,6 +431,7 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     _install_error_handlers(app, settings)
+    mount_web(app)
 
     queue_hint = f"{settings.retry_after_s}"
     default_k = min(5000, settings.max_k)
@@ -490,6 +506,8 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
         check_cost(int(x.shape[0]), k, "k")
         engine = state.engine(lm)
         stats: LoglikStats = await run(engine, engine.submit_loglik(x, k, seed), request)
+        quantiles = lm.quantiles
+        pct, pct_k = quantiles.percentile(stats.loglik, k) if quantiles else ([None] * len(stats.loglik), None)
         results = [
             {
                 "loglik": float(ll),
@@ -497,8 +515,9 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
                 "ess": float(ess),
                 "elbo": float(el),
                 "bits_per_dim": bits_per_dim(float(ll), lm.x_dim),
+                "percentile": None if p is None else float(p),
             }
-            for ll, se, ess, el in zip(stats.loglik, stats.stderr, stats.ess, stats.elbo, strict=True)
+            for ll, se, ess, el, p in zip(stats.loglik, stats.stderr, stats.ess, stats.elbo, pct, strict=True)
         ]
         return _json(
             {
@@ -507,6 +526,7 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
                 "seed": seed,
                 "binarize": binarize.value,
                 "n_images": len(results),
+                "percentile_k": pct_k,
                 "results": results,
             }
         )
@@ -547,6 +567,54 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
                 "n_images": n,
                 "samples": samples,
                 "layers": layers,
+            }
+        )
+
+    @app.post(
+        "/reconstruct",
+        response_model=schemas.ReconstructResponse,
+        responses=_errors(400, 404, 413, 415, 422, 503, 504),
+        openapi_extra=_image_body(x_hint),
+        dependencies=[Depends(_only_params("samples", "model", "seed", "binarize", "resize"))],
+        summary="Reconstructions: the posterior decoded",
+        description="Pixel probabilities p(x | h1) decoded from each image's posterior: `mean` decodes the "
+        "posterior mean E_q[h1 | x]; `draws` decode `samples` draws h ~ q(h | x), the samples /loglik weighs "
+        "with k=samples and the same seed. Images × (samples + 1) is at most IWAE_MAX_N (the /sample bound).",
+    )
+    async def reconstruct_images(
+        request: Request,
+        samples: Annotated[
+            int, Query(ge=0, le=settings.max_n, description="Draws per image from q(h|x) to decode (0: none).")
+        ] = 0,
+        model: ModelQ = None,
+        seed: SeedQ = None,
+        binarize: BinarizeQ = Binarize.none,
+        resize: ResizeQ = False,
+    ) -> Response:
+        lm = state.loaded(model)
+        seed = pick_seed(seed)
+        x = await read_images(request, spec(lm), binarize, seed, resize, settings.max_body_bytes)
+        n = int(x.shape[0])
+        if n * (samples + 1) > settings.max_n:
+            raise ServiceError(
+                413,
+                "request_too_large",
+                f"request too large: {n} images × (samples {samples} + 1) = {n * (samples + 1)} decoded images, "
+                f"over the limit of {settings.max_n} (IWAE_MAX_N); send fewer images or fewer samples",
+            )
+        engine = state.engine(lm)
+        job = engine.submit_call(_reconstruct_job(x, samples, seed), cost=n * max(samples, 1))
+        mean, draws = await run(engine, job, request)
+        return _json(
+            {
+                "model": lm.name,
+                "seed": seed,
+                "binarize": binarize.value,
+                "n_images": n,
+                "samples": samples,
+                "image_shape": list(lm.image_shape) if lm.image_shape else None,
+                "mean": mean.tolist(),
+                "draws": draws.tolist() if samples else None,
             }
         )
 
