@@ -77,7 +77,7 @@ class LoglikQuantiles:
 
     def nearest_k(self, k: int) -> int:
         """The stored k nearest to ``k`` on a log scale (ties go to the larger, less biased one)."""
-        return min(self.by_k, key=lambda s: (abs(math.log(s) - math.log(k)), -s))
+        return min(self.by_k, key=lambda s: (round(abs(math.log(s / k)), 9), -s))
 
     def percentile(self, loglik: np.ndarray, k: int) -> tuple[np.ndarray, int]:
         """Percent of test images whose L_k is lower, 0..100, by linear interpolation between the stored

@@ -181,7 +181,7 @@ function showScore(body) {
   $("status").dataset.seed = String(body.seed);
 }
 
-function probsCanvas(probs, label) {
+function probsCanvas(probs, label, caption) {
   const fig = document.createElement("figure");
   fig.setAttribute("role", "listitem");
   const c = document.createElement("canvas");
@@ -197,14 +197,14 @@ function probsCanvas(probs, label) {
   });
   g.putImageData(img, 0, 0);
   const cap = document.createElement("figcaption");
-  cap.textContent = label;
+  cap.textContent = caption || label;
   fig.append(c, cap);
   return fig;
 }
 
 function showRecons(body) {
   const box = $("recons");
-  box.replaceChildren(probsCanvas(body.mean[0], "posterior mean"));
+  box.replaceChildren(probsCanvas(body.mean[0], "posterior mean", "mean"));
   (body.draws ? body.draws[0] : []).forEach((d, i) => box.append(probsCanvas(d, `draw ${i + 1}`)));
 }
 
@@ -231,9 +231,10 @@ $("score-form").addEventListener("submit", async (e) => {
 });
 
 // --- samples and model cards ----------------------------------------------------------------------------
-function loadSamples() {
+// The first grid uses seed 1 (the same page every time); "New samples" draws with a random seed.
+function loadSamples(event) {
   const model = $("model").value;
-  const seed = Math.floor(Math.random() * 2 ** 31);
+  const seed = event && event.type === "click" ? Math.floor(Math.random() * 2 ** 31) : 1;
   const img = $("samples");
   img.alt = `16 samples from model ${model}, seed ${seed}`;
   img.src = `/sample?${new URLSearchParams({ n: 16, format: "png", model, seed })}`;
