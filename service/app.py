@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from models.posterior import reconstruct
-from service import schemas
+from service import schemas, v2
 from service.batching import (
     BatchingEngine,
     ClientGoneError,
@@ -432,6 +432,7 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     _install_error_handlers(app, settings)
     mount_web(app)
+    app.include_router(v2.router(settings))
 
     queue_hint = f"{settings.retry_after_s}"
     default_k = min(5000, settings.max_k)
