@@ -90,6 +90,18 @@ def model_metadata(name: str, spec: ModelSpec) -> dict[str, Any]:
     }
 
 
+def model_config(name: str, spec: ModelSpec) -> dict[str, Any]:
+    """Triton's model configuration (GET /v2/models/{name}/config, which perf_analyzer reads): no implicit
+    batch dimension (max_batch_size 0), so the shapes carry N as -1."""
+    return {
+        "name": name,
+        "platform": "pytorch",
+        "max_batch_size": 0,
+        "input": [{"name": INPUT_NAME, "data_type": "TYPE_FP32", "dims": [-1, spec.x_dim]}],
+        "output": [{"name": o, "data_type": "TYPE_FP64", "dims": [-1]} for o in spec.outputs],
+    }
+
+
 # --- requests ---------------------------------------------------------------------------------------------
 def split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
     """The JSON header and the binary tensor data that follows it."""

@@ -106,6 +106,14 @@ def router(settings: Settings) -> APIRouter:
             return _as_response(e)
         return JSONResponse(oip.model_metadata(lm.name, _model_spec(lm, settings)))
 
+    @r.get("/models/{name}/config", summary="Triton's model configuration (for perf_analyzer)")
+    async def model_config(request: Request, name: ModelName) -> Response:
+        try:
+            lm = _state(request).loaded(name)
+        except Exception as e:
+            return _as_response(e)
+        return JSONResponse(oip.model_config(lm.name, _model_spec(lm, settings)))
+
     @r.get("/models/{name}/ready", summary="Model readiness")
     async def model_ready(request: Request, name: ModelName) -> Response:
         state = _state(request)

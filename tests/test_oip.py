@@ -110,6 +110,9 @@ def test_metadata_and_health(client: httpclient.InferenceServerClient) -> None:
     assert [(o["name"], o["datatype"], o["shape"]) for o in model["outputs"]] == [(n, "FP64", [-1]) for n in OUTPUTS]
     # A model without test-set quantiles has no percentile output.
     assert [o["name"] for o in client.get_model_metadata("plain")["outputs"]] == list(OUTPUTS[:-1])
+    config = client.get_model_config("tiny")
+    assert config["max_batch_size"] == 0 and config["input"][0]["dims"] == [-1, 784]
+    assert [o["name"] for o in config["output"]] == list(OUTPUTS)
     assert client.is_model_ready("tiny") and not client.is_model_ready("nope")
     with pytest.raises(InferenceServerException, match="unknown model") as e:
         client.get_model_metadata("nope")
