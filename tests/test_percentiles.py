@@ -14,6 +14,7 @@ from models import percentiles
 from models.checkpoint import from_bytes, to_bytes
 from models.engine import bound_stats, engine_log_weights
 from models.percentiles import STANDARD_PROBS, LoglikQuantiles
+from service.client import AsyncIWAEClient
 from service.settings import DEFAULT_MODELS_DIR, Settings
 from service.testing import serve_in_process, tiny_model, write_checkpoint
 from training.datasets import data_dir
@@ -129,6 +130,13 @@ async def test_loglik_reports_percentiles_against_the_nearest_k(
         for name in ("plain", "bad"):
             body = (await svc.client.post(f"/loglik?k=4&model={name}", json={"images": images})).json()
             assert body["percentile_k"] is None and all(row["percentile"] is None for row in body["results"])
+        # The Python client carries them too.
+        async with AsyncIWAEClient("http://iwae.test", transport=svc.transport) as client:
+            r = await client.loglik(x[:5].numpy(), k=40, seed=3)
+            assert r.percentile_k == 64 and r.percentile is not None
+            np.testing.assert_allclose(r.percentile, q.percentile(r.loglik, 40)[0], rtol=0, atol=1e-9)
+            plain = await client.loglik(x[:5].numpy(), k=4, model="plain")
+            assert plain.percentile is None and plain.percentile_k is None
     assert any("bad" in rec.message and "quantiles" in rec.message for rec in caplog.records)
 
 
