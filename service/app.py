@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from models.posterior import reconstruct
-from service import schemas, v2
+from service import schemas, v2, web
 from service.batching import (
     BatchingEngine,
     ClientGoneError,
@@ -44,7 +44,6 @@ from service.inputs import Binarize, InputError, InputSpec, bits_per_dim, read_i
 from service.metrics import Metrics, MetricsMiddleware
 from service.registry import LoadedModel, ModelRegistry, UnknownModelError
 from service.settings import Settings
-from service.web import mount_web
 
 log = logging.getLogger("iwae.service")
 
@@ -431,7 +430,7 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     _install_error_handlers(app, settings)
-    mount_web(app)
+    app.include_router(web.router(settings))
     app.include_router(v2.router(settings))
 
     queue_hint = f"{settings.retry_after_s}"

@@ -80,7 +80,10 @@ async def test_page_and_static_files_are_served(svc: InProcessService) -> None:
         assert f'<label for="{control}">' in html, control
     assert (await svc.client.head("/")).status_code == 200
     assert (await svc.client.get("/static/nope.js")).status_code == 404
-    assert (await svc.client.get("/static/../app.py")).status_code == 404
+    for sneaky in ("/static/../app.py", "/static/%2e%2e/app.py", "/static/..%2fweb.py"):
+        r = await svc.client.get(sneaky)
+        assert r.status_code == 404 and "def " not in r.text, sneaky
+    assert svc.metric("iwae_requests_total", {"route": "/static/{path:path}", "method": "GET", "status": "200"}) == 2
 
 
 def test_static_files_are_package_data() -> None:
