@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -44,7 +45,7 @@ def test_compressed_schedule_keeps_the_paper_stages_in_proportion() -> None:
     assert small.lr_at(327.9) == pytest.approx(1e-4)
     assert small.lr_at(0.35) == pytest.approx(paper_stage_lr(1))  # stage 1 spans [0.1, 0.4)
     with pytest.raises(ValueError, match="unknown schedule"):
-        Schedule("cosine", 10)
+        Schedule("linear", 10)
 
 
 @pytest.mark.parametrize(
@@ -185,3 +186,19 @@ def test_resume_from_a_corrupt_training_state_names_the_file(tmp_path: Path) -> 
     state_path(out).write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00garbage!")
     with pytest.raises(CheckpointError, match=r"m\.state\.safetensors: unreadable training state"):
         train(TrainConfig(out=out, resume=True, **cfg), data)
+
+
+@pytest.mark.parametrize("name", ["cosine", "constant-decay"])
+def test_smooth_schedules_span_the_paper_range_and_never_increase(name: str) -> None:
+    from training.schedule import FINAL_LR, PAPER_BASE_LR
+
+    s = Schedule(name, 10)
+    lrs = [s.lr_at(e / 4) for e in range(41)]
+    assert lrs[0] == pytest.approx(PAPER_BASE_LR)
+    assert lrs[-1] == pytest.approx(FINAL_LR)
+    assert all(b <= a + 1e-15 for a, b in itertools.pairwise(lrs))
+    if name == "constant-decay":
+        assert s.lr_at(4.9) == pytest.approx(PAPER_BASE_LR)  # flat for the first half
+        assert s.lr_at(7.5) == pytest.approx((PAPER_BASE_LR * FINAL_LR) ** 0.5)  # geometric midpoint of the decay
+    else:
+        assert s.lr_at(5.0) == pytest.approx((PAPER_BASE_LR + FINAL_LR) / 2)

@@ -12,6 +12,7 @@ import torch
 
 from models.checkpoint import CheckpointError
 from training.datasets import DatasetError
+from training.schedule import SCHEDULES
 
 
 def _positive_int(s: str) -> int:
@@ -34,9 +35,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=_positive_int, help="epoch budget (the compressed paper schedule by default)")
     p.add_argument(
         "--schedule",
-        choices=["paper", "compressed", "constant"],
+        choices=list(SCHEDULES),
         help="paper: the full 3,280 epochs; compressed (default with --epochs): its 8 stages scaled to --epochs; "
-        "constant: --lr throughout",
+        "constant: --lr throughout; cosine: 1e-3 to 1e-4 along a half cosine; constant-decay: 1e-3 for half "
+        "the budget, then geometric decay to 1e-4",
     )
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate of the constant schedule")
     p.add_argument("--batch-size", type=_positive_int, default=20)
@@ -60,7 +62,7 @@ def _cmd_train(a: argparse.Namespace) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     schedule = a.schedule or "compressed"
-    if schedule in ("compressed", "constant") and a.epochs is None:
+    if schedule != "paper" and a.epochs is None:
         raise ValueError(f"the {schedule} schedule needs --epochs N (or use --schedule paper)")
     if schedule == "paper" and a.epochs is not None:
         raise ValueError("--schedule paper fixes the epochs at 3,280: drop --epochs, or use --schedule compressed")
