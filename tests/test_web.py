@@ -26,13 +26,13 @@ import torch
 
 from models.checkpoint import from_bytes, to_bytes
 from models.engine import bound_stats, engine_log_weights
+from models.noise import request_noise
 from models.percentiles import LoglikQuantiles, test_quantiles
 from models.posterior import reconstruct
-from service.batching import draw_request_noise
 from service.client import IWAEClient
+from service.routes.web import STATIC_DIR
 from service.settings import DEFAULT_MODELS_DIR, Settings
 from service.testing import InProcessService, serve_in_process, tiny_model, write_checkpoint
-from service.web import STATIC_DIR
 from training.datasets import data_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,7 +106,7 @@ async def test_reconstruct_decodes_the_posterior(svc: InProcessService, tmp_path
     with torch.no_grad():
         mean, _ = model.q[0](xt)
         want_mean = torch.sigmoid(model.p[0](mean))
-        lat = model.sample_latents(xt, 3, noise=draw_request_noise(model, 3, 2, 4))
+        lat = model.sample_latents(xt, 3, noise=request_noise(model, 3, 2, 4))
         want_draws = torch.sigmoid(model.p[0](lat.h[0])).transpose(0, 1)
     np.testing.assert_allclose(body["mean"], want_mean.numpy(), rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(body["draws"], want_draws.numpy(), rtol=1e-6, atol=1e-7)

@@ -6,6 +6,7 @@ The protocol itself (decoding requests, the binary tensor extension, encoding re
 
 # No `from __future__ import annotations`: FastAPI evaluates the route signatures.
 import secrets
+from enum import Enum
 from importlib.metadata import PackageNotFoundError, version
 from typing import Annotated, Any
 
@@ -15,9 +16,13 @@ from fastapi import APIRouter, Path, Request
 from fastapi.responses import JSONResponse, Response
 
 from service import oip
+from service.deps import ModelRequest, service_state
+from service.errors import ServiceError
 from service.inputs import bits_per_dim, validate_and_binarize
+from service.jobs import LoglikJob, LoglikStats
 from service.registry import LoadedModel
 from service.settings import Settings
+from service.state import ServiceState
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 ModelName = Annotated[str, Path(description="Model name, as listed by GET /models.")]
@@ -38,28 +43,17 @@ def _error(message: str, status: int = 400) -> JSONResponse:
 
 
 def _as_response(exc: Exception) -> Response:
-    """Any error of a v2 request as the protocol's ``{"error": message}``: never a 500 for a bad request."""
-    status = getattr(exc, "status", None)
-    if status == CLIENT_CLOSED_REQUEST or type(exc).__name__ == "ClientGoneError":
-        return Response(status_code=CLIENT_CLOSED_REQUEST)
-    message = getattr(exc, "message", None) or str(exc)
-    if isinstance(exc, LookupError) and status is None:  # an unknown model
-        status = 404
-    if status is None:
-        status = {
-            "BodyTooLargeError": 413,
-            "QueueFullError": 503,
-            "EngineStoppedError": 503,
-            "JobTimeoutError": 504,
-        }.get(type(exc).__name__)
-    if status is None:
+    """A service error (service/errors.py) or a protocol error as the protocol's ``{"error": message}``."""
+    if not isinstance(exc, ServiceError | oip.ProtocolError):
         raise exc
-    headers = getattr(exc, "headers", None)
-    return JSONResponse({"error": message}, status_code=400 if status in _AS_BAD_REQUEST else status, headers=headers)
+    if exc.status == CLIENT_CLOSED_REQUEST:
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+    status = 400 if exc.status in _AS_BAD_REQUEST else exc.status
+    return JSONResponse({"error": exc.message}, status_code=status, headers=getattr(exc, "headers", None))
 
 
-def _state(request: Request) -> Any:
-    return request.app.state.service
+def _state(request: Request) -> ServiceState:
+    return service_state(request)
 
 
 def _model_spec(lm: LoadedModel, settings: Settings) -> oip.ModelSpec:
@@ -74,31 +68,30 @@ def _model_spec(lm: LoadedModel, settings: Settings) -> oip.ModelSpec:
     )
 
 
-async def _run_loglik(request: Request, lm: LoadedModel, x: Any, k: int, seed: int) -> Any:
+async def _run_loglik(request: Request, lm: LoadedModel, x: torch.Tensor, k: int, seed: int) -> LoglikStats:
     """The same scheduler, batching and noise as POST /loglik."""
-    state = _state(request)
-    engine = state.engine(lm)
-    return await engine.wait(engine.submit_loglik(x, k, seed), state.settings.timeout_s, request.receive)
+    req = ModelRequest(lm, seed, _state(request), request)
+    return await req.run(LoglikJob.of(x, k, seed))
 
 
-def router(settings: Settings) -> APIRouter:
-    r = APIRouter(prefix="/v2", tags=["Open Inference Protocol (v2)"])
+def add_routes(r: APIRouter, settings: Settings) -> None:
+    tags: list[str | Enum] = ["Open Inference Protocol (v2)"]
 
-    @r.get("", summary="Server metadata")
+    @r.get("/v2", tags=tags, summary="Server metadata")
     async def server_metadata() -> dict[str, Any]:
         return oip.server_metadata(_package_version())
 
-    @r.get("/health/live", summary="Server liveness")
+    @r.get("/v2/health/live", tags=tags, summary="Server liveness")
     async def live() -> dict[str, Any]:
         return {"live": True}
 
-    @r.get("/health/ready", summary="Server readiness: every model loaded and warmed up (400 before)")
+    @r.get("/v2/health/ready", tags=tags, summary="Server readiness: every model loaded and warmed up (400 before)")
     async def ready(request: Request) -> Response:
         if _state(request).ready:
             return JSONResponse({"ready": True})
         return _error("not ready: models are loading or warming up")
 
-    @r.get("/models/{name}", summary="Model metadata: its input and outputs")
+    @r.get("/v2/models/{name}", tags=tags, summary="Model metadata: its input and outputs")
     async def model_metadata(request: Request, name: ModelName) -> Response:
         try:
             lm = _state(request).loaded(name)
@@ -106,7 +99,7 @@ def router(settings: Settings) -> APIRouter:
             return _as_response(e)
         return JSONResponse(oip.model_metadata(lm.name, _model_spec(lm, settings)))
 
-    @r.get("/models/{name}/config", summary="Triton's model configuration (for perf_analyzer)")
+    @r.get("/v2/models/{name}/config", tags=tags, summary="Triton's model configuration (for perf_analyzer)")
     async def model_config(request: Request, name: ModelName) -> Response:
         try:
             lm = _state(request).loaded(name)
@@ -114,7 +107,7 @@ def router(settings: Settings) -> APIRouter:
             return _as_response(e)
         return JSONResponse(oip.model_config(lm.name, _model_spec(lm, settings)))
 
-    @r.get("/models/{name}/ready", summary="Model readiness")
+    @r.get("/v2/models/{name}/ready", tags=tags, summary="Model readiness")
     async def model_ready(request: Request, name: ModelName) -> Response:
         state = _state(request)
         try:
@@ -126,7 +119,8 @@ def router(settings: Settings) -> APIRouter:
         return JSONResponse({"name": lm.name, "ready": True})
 
     @r.post(
-        "/models/{name}/infer",
+        "/v2/models/{name}/infer",
+        tags=tags,
         summary="Inference: L_k per image",
         description="The images as one tensor `images` (FP32, FP64, UINT8 0-255 or BOOL; [N, x_dim] or "
         "[N, H, W]), parameters k, seed, binarize; outputs loglik, stderr, ess, elbo, bits_per_dim (and "
@@ -138,11 +132,10 @@ def router(settings: Settings) -> APIRouter:
         except Exception as e:
             return _as_response(e)
 
-    @r.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE"], include_in_schema=False)
+    # Last: any other /v2 path gets the protocol's error body.
+    @r.api_route("/v2/{path:path}", methods=["GET", "POST", "PUT", "DELETE"], include_in_schema=False)
     async def not_found(path: str) -> Response:
         return _error(f"no such endpoint /v2/{path}; see docs/service.md for the v2 routes", 404)
-
-    return r
 
 
 async def _infer(request: Request, name: str, settings: Settings) -> Response:

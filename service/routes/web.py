@@ -11,18 +11,17 @@ from fastapi.staticfiles import StaticFiles
 
 from service.settings import Settings
 
-STATIC_DIR = Path(__file__).parent / "static"
+STATIC_DIR = Path(__file__).parents[1] / "static"
 # The page loads nothing from elsewhere: no CDN, no inline script.
 CONTENT_SECURITY_POLICY = "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'"
 
 
-def router(settings: Settings) -> APIRouter:
-    r = APIRouter(include_in_schema=False)
+def add_routes(r: APIRouter, settings: Settings) -> None:
     # Starlette's StaticFiles behind a route rather than a mount: the metrics then label these requests
     # with the route's template.
     files = StaticFiles(directory=STATIC_DIR)
 
-    @r.api_route("/", methods=["GET", "HEAD"])
+    @r.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     async def index() -> FileResponse:
         return FileResponse(
             STATIC_DIR / "index.html",
@@ -30,8 +29,6 @@ def router(settings: Settings) -> APIRouter:
             headers={"Content-Security-Policy": CONTENT_SECURITY_POLICY, "Cache-Control": "no-cache"},
         )
 
-    @r.api_route("/static/{path:path}", methods=["GET", "HEAD"])
+    @r.api_route("/static/{path:path}", methods=["GET", "HEAD"], include_in_schema=False)
     async def static(path: str, request: Request) -> Response:
         return await files.get_response(path, request.scope)
-
-    return r
