@@ -26,6 +26,7 @@ import torch
 from models.engine import bound_stats, engine_log_weights
 from models.noise import request_noise, seeded_generator
 from models.posterior import active_unit_variances, posterior_moments
+from models.posterior import reconstruct as decode_posterior
 from service import schemas
 from service.registry import LoadedModel
 
@@ -274,5 +275,18 @@ def active_units(x: torch.Tensor, samples: int, seed: int) -> Callable[[LoadedMo
     def run(lm: LoadedModel) -> list[torch.Tensor]:
         gen = seeded_generator(lm.device, seed)
         return active_unit_variances(lm.model, x.to(lm.device), generator=gen, samples=samples)
+
+    return run
+
+
+def reconstruct(x: torch.Tensor, samples: int, seed: int) -> Callable[[LoadedModel], tuple[np.ndarray, np.ndarray]]:
+    """The posterior decoded: p(x | h1) at the posterior mean [N, D], and at ``samples`` draws [N, samples, D]
+    (the draws /loglik weighs with k=samples and this seed)."""
+
+    def run(lm: LoadedModel) -> tuple[np.ndarray, np.ndarray]:
+        n = int(x.shape[0])
+        noise = [e.to(lm.device) for e in request_noise(lm.model, samples, n, seed)] if samples else None
+        mean, draws = decode_posterior(lm.model, x.to(lm.device), noise)
+        return mean.double().cpu().numpy(), draws.transpose(0, 1).double().cpu().numpy()
 
     return run

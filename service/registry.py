@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ import torch
 from models.checkpoint import CheckpointError, from_bytes
 from models.device import resolve_device
 from models.networks import IWAE
+from models.percentiles import LoglikQuantiles
 from service.errors import UnknownModelError
 from service.schemas import ModelInfo
 from service.settings import Settings
@@ -43,6 +45,15 @@ class LoadedModel:
     @property
     def n_parameters(self) -> int:
         return self.model.n_parameters()
+
+    @functools.cached_property
+    def quantiles(self) -> LoglikQuantiles | None:
+        """Test-set quantiles of per-image L_k from the card; None when absent or malformed (logged)."""
+        try:
+            return LoglikQuantiles.from_card(self.card)
+        except ValueError as e:
+            log.warning("model %s: ignoring the card's test-set quantiles: %s", self.name, e)
+            return None
 
     def describe(self, default: bool) -> ModelInfo:
         """The card as stored, plus what the service derives from the loaded weights."""
@@ -130,6 +141,7 @@ class ModelRegistry:
                 image_shape=image_shape_for(model.config.x_dim, card),
                 data_mean=data_mean,
             )
+            _ = loaded[name].quantiles  # validated now, so that a malformed entry is reported at startup
             log.info("loaded model %s from %s (%d parameters, %s)", name, f, model.n_parameters(), device)
         if not loaded:
             where = ", ".join(str(p) for p in settings.models)

@@ -18,6 +18,9 @@ class LoglikResult:
     ess: np.ndarray
     elbo: np.ndarray
     bits_per_dim: np.ndarray
+    # Percent of the model's test images with a lower L_k (at percentile_k); None when the card has no quantiles.
+    percentile: np.ndarray | None = None
+    percentile_k: int | None = None
 
 
 @dataclass
@@ -79,6 +82,8 @@ def loglik_result(body: dict[str, Any]) -> LoglikResult:
         col("ess"),
         col("elbo"),
         col("bits_per_dim"),
+        col("percentile") if body.get("percentile_k") is not None else None,
+        body.get("percentile_k"),
     )
 
 

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from fastapi import APIRouter
 
-from service.routes import active_units, encode, health, loglik, models, sample
+from service.routes import active_units, encode, health, loglik, models, reconstruct, sample, v2, web
 from service.settings import Settings
 
 ROUTE_GROUPS: tuple[Callable[[APIRouter, Settings], None], ...] = (
@@ -21,6 +21,9 @@ ROUTE_GROUPS: tuple[Callable[[APIRouter, Settings], None], ...] = (
     active_units.add_routes,
     models.add_routes,
     health.add_routes,
+    reconstruct.add_routes,
+    web.add_routes,
+    v2.add_routes,  # last: it ends with a catch-all for /v2 paths
 )
 
 

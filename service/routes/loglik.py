@@ -39,6 +39,8 @@ def add_routes(r: APIRouter, settings: Settings) -> None:
     async def loglik(req: ImageComputation, k: KQuery = min(5000, settings.max_k)) -> schemas.LoglikResponse:
         req.check_cost(req.n, k, "k")
         stats = await req.run(LoglikJob.of(req.x, k, req.seed))
+        quantiles = req.loaded.quantiles
+        pct, pct_k = quantiles.percentile(stats.loglik, k) if quantiles else ([None] * req.n, None)
         results = [
             schemas.ImageLoglik(
                 loglik=float(ll),
@@ -46,8 +48,9 @@ def add_routes(r: APIRouter, settings: Settings) -> None:
                 ess=float(ess),
                 elbo=float(el),
                 bits_per_dim=bits_per_dim(float(ll), req.loaded.x_dim),
+                percentile=None if p is None else float(p),
             )
-            for ll, se, ess, el in zip(stats.loglik, stats.stderr, stats.ess, stats.elbo, strict=True)
+            for ll, se, ess, el, p in zip(stats.loglik, stats.stderr, stats.ess, stats.elbo, pct, strict=True)
         ]
         return schemas.LoglikResponse(
             model=req.loaded.name,
@@ -55,5 +58,6 @@ def add_routes(r: APIRouter, settings: Settings) -> None:
             seed=req.seed,
             binarize=req.binarize.value,
             n_images=len(results),
+            percentile_k=pct_k,
             results=results,
         )
