@@ -157,14 +157,19 @@ def test_dockerignore_sends_only_what_the_image_needs() -> None:
                 assert not dockerignore_excludes(src), src
 
 
-def test_stop_signal_grace_period_and_init() -> None:
+def test_stop_signal_grace_period_and_init_process() -> None:
     svc = compose_service()
     stopsignal = [rest for word, rest in dockerfile_instructions() if word == "STOPSIGNAL"]
     assert stopsignal == ["SIGTERM"] and svc["stop_signal"] == "SIGTERM"
     # Room for the 30 s drain (IWAE_DRAIN_S default) plus the server's own shutdown.
     grace = re.fullmatch(r"(\d+)s", svc["stop_grace_period"])
     assert grace and int(grace.group(1)) >= 35
-    assert svc["init"] is True  # tini forwards the signal and reaps torch.compile's workers
+    # tini in the image (so plain `docker run` and Kubernetes get it too, unlike compose's `init`) forwards the
+    # signal, reaps torch.compile's workers and maps uvicorn's re-raised SIGTERM (143) to 0.
+    (entrypoint,) = [json.loads(rest) for word, rest in dockerfile_instructions() if word == "ENTRYPOINT"]
+    assert entrypoint == ["tini", "-e", "143", "--"]
+    assert "init" not in svc and "entrypoint" not in svc
+    assert re.search(r"apt-get install [^&]*\btini\b", " ".join(r for w, r in dockerfile_instructions() if w == "RUN"))
 
 
 def test_healthcheck_is_the_same_in_dockerfile_and_compose() -> None:
