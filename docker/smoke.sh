@@ -46,7 +46,7 @@ buildlog=$(mktemp)
 
 teardown() {
     local rc=$?
-    if ((purge)); then dc down --volumes --rmi local --remove-orphans >/dev/null 2>&1 || true
+    if ((purge)); then dc down --volumes --rmi all --remove-orphans >/dev/null 2>&1 || true
     else dc down --remove-orphans >/dev/null 2>&1 || true; fi
     rm -f "$buildlog"
     echo "smoke: torn down (exit $rc)"
@@ -72,7 +72,7 @@ while :; do
     health=$(docker inspect -f '{{.State.Health.Status}} {{.State.Status}}' "$cid")
     case "$health" in
         "healthy running") break ;;
-        *exited* | *dead* | "unhealthy "*) fail "container is $health" ;;
+        *exited* | *dead* | *restarting* | "unhealthy "*) fail "container is $health" ;;
     esac
     python3 -c "import sys; sys.exit(float(sys.argv[1]) > 420)" "$(since "$t")" || fail "not healthy after 420 s"
     sleep 0.25
@@ -109,5 +109,5 @@ dc stop >/dev/null 2>&1 || fail "stop"
 read -r code oom < <(docker inspect -f '{{.State.ExitCode}} {{.State.OOMKilled}}' "$cid")
 echo "smoke: SIGTERM -> exited in $(since "$t") s with code $code (OOM killed: $oom)"
 [ "$code" = 0 ] || fail "exit code $code after SIGTERM"
-dc logs --no-color iwae 2>/dev/null | grep -q "Finished server process" || fail "no graceful uvicorn shutdown in the logs"
+dc logs --no-color iwae 2>/dev/null | grep "Finished server process" >/dev/null || fail "no graceful uvicorn shutdown in the logs"
 echo "smoke: PASS"
