@@ -27,10 +27,20 @@ from training.checkpoints import (
 from training.datasets import Dataset, binarize, load_dataset
 from training.evaluate import evaluate_dataset
 from training.schedule import Schedule
+from training.step import (
+    ADAM_BETAS,
+    ADAM_EPS,
+    BoundSum,
+    EpochBatches,
+    TrainStep,
+    make_optimizer,
+    restore_fast_adam,
+    use_fused_output,
+)
 
-ADAM_BETAS = (0.9, 0.999)
-ADAM_EPS = 1e-4
 VALID_BINARIZATION_SEED = 1234
+# Steps between progress-bar updates.
+PROGRESS_EVERY = 50
 
 
 @dataclass
@@ -138,27 +148,34 @@ def train(cfg: TrainConfig, data: Dataset | None = None) -> dict[str, Any]:
 
     model, card, start_epoch, start_step, wall = _initial_state(cfg, data, schedule)
     model.to(device).train()
-    opt = torch.optim.Adam(model.parameters(), lr=schedule.lr_at(0.0), betas=ADAM_BETAS, eps=ADAM_EPS)
+    use_fused_output(model)
+    opt = make_optimizer(model, schedule.lr_at(0.0))
     bin_gen = torch.Generator().manual_seed(cfg.seed + 1)
-    sums = {"bound": 0.0, "steps": 0}
+    sums = BoundSum(device)
     if cfg.resume and start_epoch + start_step > 0:
         rng, meta = load_train_state(state_path(cfg.out), opt)
+        restore_fast_adam(opt)
         torch.set_rng_state(rng["torch"])
         bin_gen.set_state(rng["binarize"])
         if device.type == "cuda" and "cuda" in rng:
             torch.cuda.set_rng_state(rng["cuda"], device)
-        sums = meta["sums"]
+        sums = BoundSum(device, meta["sums"])
+    step_fn = TrainStep(model, opt, surrogate, cfg.k)
 
-    def rng_states() -> dict[str, torch.Tensor]:
-        rng = {"torch": torch.get_rng_state(), "binarize": bin_gen.get_state()}
+    def global_rng() -> dict[str, torch.Tensor]:
+        rng = {"torch": torch.get_rng_state()}
         if device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(device)
         return rng
 
+    def rng_states(rng: dict[str, torch.Tensor], batches: EpochBatches, step: int) -> dict[str, torch.Tensor]:
+        """``rng`` and the binarization generator's state, both as they were before ``step``'s draws."""
+        return {**rng, "binarize": batches.generator_state(step) if dynamic else bin_gen.get_state()}
+
     def save(epoch: int, step: int, rng: dict[str, torch.Tensor]) -> None:
         card.update(epochs=epoch, wall_time_s=round(wall + time.perf_counter() - t0, 1), hardware=hardware(device))
         save_checkpoint(cfg.out, model, card, data.train_mean)
-        meta = {"epoch": epoch, "step": step, "sums": sums, "wall_time_s": card["wall_time_s"]}
+        meta = {"epoch": epoch, "step": step, "sums": sums.as_dict(), "wall_time_s": card["wall_time_s"]}
         save_train_state(state_path(cfg.out), opt, rng, meta)
 
     t0 = time.perf_counter()
@@ -166,29 +183,34 @@ def train(cfg: TrainConfig, data: Dataset | None = None) -> dict[str, Any]:
     for epoch in range(start_epoch, cfg.epochs):
         epoch_start = time.perf_counter()
         perm = torch.randperm(train_x.shape[0], generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
-        steps = range(start_step if epoch == start_epoch else 0, steps_per_epoch)
-        bar = tqdm(steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress, leave=False)
-        step, step_rng = steps.start, rng_states()
+        batches = EpochBatches(train_x, perm, cfg.batch_size, bin_gen if dynamic else None, device)
+        first = start_step if epoch == start_epoch else 0
+        bar = tqdm(
+            total=steps_per_epoch,
+            initial=first,
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            disable=not cfg.progress,
+            leave=False,
+        )
+        step, step_rng, lr = first, global_rng(), -1.0
         try:
-            for step in bar:
-                # The state before this step's random draws, so an interrupt can resume at this very step.
-                step_rng = rng_states()
-                idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-                xb = train_x[idx]
-                xb = (binarize(xb, bin_gen) if dynamic else xb).to(device)
-                for group in opt.param_groups:
-                    group["lr"] = schedule.lr_at(epoch + step / steps_per_epoch)
-                loss, bound = surrogate(model, xb, cfg.k)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sums["bound"] += float(bound.mean())
-                sums["steps"] += 1
+            for step in range(first, steps_per_epoch):
+                # The state before this step's noise, so an interrupt can resume at this very step.
+                step_rng = global_rng()
+                xb = batches.batch(step)
+                step_lr = schedule.lr_at(epoch + step / steps_per_epoch)
+                if step_lr != lr:
+                    lr = step_lr
+                    for group in opt.param_groups:
+                        group["lr"] = lr
+                sums.add(step_fn(xb))
+                if (step + 1) % PROGRESS_EVERY == 0:
+                    bar.update(PROGRESS_EVERY)
                 if time.perf_counter() - last_save > 60 * cfg.checkpoint_minutes:
-                    save(epoch, step + 1, rng_states())
+                    save(epoch, step + 1, rng_states(global_rng(), batches, step + 1))
                     last_save = time.perf_counter()
         except KeyboardInterrupt:
-            save(epoch, step, step_rng)
+            save(epoch, step, rng_states(step_rng, batches, step))
             raise
         bar.close()
         model.eval()
@@ -196,19 +218,19 @@ def train(cfg: TrainConfig, data: Dataset | None = None) -> dict[str, Any]:
         model.train()
         record = {
             "epoch": epoch + 1,
-            "train_bound": sums["bound"] / max(1, sums["steps"]),
+            "train_bound": sums.mean(),
             f"valid_L{cfg.val_k}": val.loglik,
             "valid_k": cfg.val_k,
             "lr": opt.param_groups[0]["lr"],
             "seconds": round(time.perf_counter() - epoch_start, 2),
         }
-        sums = {"bound": 0.0, "steps": 0}
+        sums = BoundSum(device)
         with log_path(cfg.out).open("a") as f:
             f.write(json.dumps(record) + "\n")
         if cfg.progress:
             print(json.dumps(record), file=sys.stderr, flush=True)
         card[f"valid_L{cfg.val_k}"] = val.loglik
-        save(epoch + 1, 0, rng_states())
+        save(epoch + 1, 0, {**global_rng(), "binarize": bin_gen.get_state()})
         last_save = time.perf_counter()
     model.eval()
     return card
