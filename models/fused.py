@@ -38,18 +38,21 @@ LANES = 16
 MAX_POOLED_FACTORS = 100
 LOG2_E = 1.0 / math.log(2.0)
 
-Kernel = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+Kernel = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
-def softplus_sum_sigmoid_eager(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Σ_d softplus(z_d) [R], σ(z) [R, D]) for z [R, D]. logaddexp, not F.softplus, which returns z itself
-    above 20 (off by up to 2e-9 per pixel, visible in float64)."""
+def softplus_sum_sigmoid_eager(logits: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ_d softplus(z_d) [R], σ(z) [R, D]) for z = logits [R, D] + bias [D]. logaddexp, not F.softplus,
+    which returns z itself above 20 (off by up to 2e-9 per pixel, visible in float64)."""
+    z = logits + bias
     return torch.logaddexp(z, z.new_zeros(())).sum(-1), torch.sigmoid(z)
 
 
-def _softplus_sum_sigmoid_pooled(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same, written for the compiler: one exp2 per pixel shared by both outputs, logs pooled lane-wise
-    over the [R, D / LANES, LANES] view (products of factors in (1, 2], as in models/engine.py)."""
+def _softplus_sum_sigmoid_pooled(logits: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same, written for the compiler: the bias added on the fly (addmm would first copy it into every
+    row), one exp2 per pixel shared by both outputs, logs pooled lane-wise over the [R, D / LANES, LANES] view
+    (products of factors in (1, 2], as in models/engine.py)."""
+    z = logits + bias
     rows, width = z.shape
     t = torch.exp2(z.abs() * -LOG2_E)
     sig = torch.where(z >= 0, 1.0, t) / (1 + t)
@@ -85,21 +88,22 @@ def _compile(device: torch.device, width: int) -> tuple[Kernel, str]:
         compiled = torch.compile(_softplus_sum_sigmoid_pooled, fullgraph=True, dynamic=False)
         state = {"failed": False}
 
-        def kernel(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        def kernel(logits: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             if not state["failed"]:
                 try:
-                    torch._dynamo.maybe_mark_dynamic(z, 0)
-                    return compiled(z)
+                    torch._dynamo.maybe_mark_dynamic(logits, 0)
+                    return compiled(logits, bias)
                 except Exception as exc:  # a recompile that fails must cost speed, never a result
                     log.warning("fused output: compiled kernel failed, using the eager one from now on: %s", exc)
                     state["failed"] = True
-            return softplus_sum_sigmoid_eager(z)
+            return softplus_sum_sigmoid_eager(logits, bias)
 
         gen = torch.Generator().manual_seed(0)
         for rows in (3, 5):  # the second size must reuse the dynamic-rows graph
             z = 6 * torch.randn(rows, width, generator=gen, dtype=torch.float64)
-            want = softplus_sum_sigmoid_eager(z)
-            got = kernel(z.to(device, torch.float32))
+            bias = torch.randn(width, generator=gen, dtype=torch.float64)
+            want = softplus_sum_sigmoid_eager(z, bias)
+            got = kernel(z.to(device, torch.float32), bias.to(device, torch.float32))
             for g, w in zip(got, want, strict=True):
                 if not torch.allclose(g.double().cpu(), w, rtol=1e-5, atol=1e-4):
                     raise RuntimeError("compiled kernel disagrees with float64 eager")
@@ -124,7 +128,7 @@ class BernoulliOutput(torch.autograd.Function):
         kernel: Kernel,
     ) -> torch.Tensor:
         rows_a = a.reshape(-1, a.shape[-1])
-        softplus, sig = kernel(torch.addmm(bias, rows_a, weight.t()))
+        softplus, sig = kernel(rows_a @ weight.t(), bias)
         wx = x @ weight  # [B, H]
         out = (a * wx).sum(-1) + x @ bias - softplus.view(a.shape[:-1])
         ctx.save_for_backward(x, a, weight, sig, wx)

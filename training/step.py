@@ -14,6 +14,7 @@ resumes here, and vice versa.
 
 from __future__ import annotations
 
+import ctypes
 from typing import Any
 
 import torch
@@ -25,8 +26,26 @@ from training.datasets import binarize
 
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-4
+# glibc's mallopt parameters (malloc.h).
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
 # Steps binarized per call: 100 batches of 20 MNIST images are 6 MiB of pixels.
 BLOCK_STEPS = 100
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc to keep freed memory in the process instead of returning it to the OS.
+
+    A k=50 step allocates and frees [k·B, D] blocks of 3 MiB; by default glibc hands them back to the OS and
+    every step faults them in again (~750 page faults a step, ~1 ms of the step measured). Raising the trim
+    and mmap thresholds keeps them for reuse. A no-op (False) where the C library has no mallopt."""
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    ok = mallopt(M_TRIM_THRESHOLD, 1 << 30) == 1
+    return mallopt(M_MMAP_THRESHOLD, 32 << 20) == 1 and ok  # 32 MiB: the most glibc allows
 
 
 def use_fused_output(model: IWAE) -> str:

@@ -33,6 +33,7 @@ from training.step import (
     BoundSum,
     EpochBatches,
     TrainStep,
+    keep_freed_memory,
     make_optimizer,
     restore_fast_adam,
     use_fused_output,
@@ -149,6 +150,7 @@ def train(cfg: TrainConfig, data: Dataset | None = None) -> dict[str, Any]:
     model, card, start_epoch, start_step, wall = _initial_state(cfg, data, schedule)
     model.to(device).train()
     use_fused_output(model)
+    keep_freed_memory()
     opt = make_optimizer(model, schedule.lr_at(0.0))
     bin_gen = torch.Generator().manual_seed(cfg.seed + 1)
     sums = BoundSum(device)
