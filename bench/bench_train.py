@@ -48,6 +48,11 @@ from models.networks import IWAE
 from training.datasets import Dataset, load_dataset
 from training.train import TrainConfig, train
 
+if not os.environ.get("IWAE_BENCH_TREE"):  # only this checkout has the pieces that --ablation takes apart
+    from models.estimators import get_surrogate
+    from models.fused import output_kernel, softplus_sum_sigmoid_eager
+    from training.step import ADAM_BETAS, ADAM_EPS, TrainStep, keep_freed_memory, make_optimizer
+
 CASES = [("iwae", 50), ("iwae", 5), ("vae", 1)]
 LOG_2PI = math.log(2 * math.pi)
 Timing = tuple[float, float]  # (wall-clock seconds, CPU seconds of this process)
@@ -205,6 +210,47 @@ def measure(args: argparse.Namespace, objective: str, k: int, ours_only: bool = 
     return times
 
 
+def ablation(args: argparse.Namespace, k: int = 50, steps: int = 20) -> list[tuple[str, float, float]]:
+    """(variant, median ms per bare IWAE step, wall clock and CPU) as the step's tricks are added one by one,
+    interleaved; keeping freed memory is process-wide and cannot be undone, so it is measured last."""
+    device = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    model = IWAE(ModelConfig.paper(args.layers)).to(device)
+    x = torch.bernoulli(torch.full((args.batch, model.config.x_dim), 0.15)).to(device)
+    surrogate = get_surrogate("iwae")
+    plain_adam = torch.optim.Adam(model.parameters(), lr=1e-4, betas=ADAM_BETAS, eps=ADAM_EPS)
+    kernel, _ = output_kernel(device, torch.float32, model.config.x_dim)
+    variants = [
+        ("autograd step, torch.optim.Adam defaults (the previous step)", None, plain_adam),
+        ("+ fused Adam", None, make_optimizer(model, 1e-4)),
+        ("+ fused output layer, eager kernel", softplus_sum_sigmoid_eager, make_optimizer(model, 1e-4)),
+        ("+ compiled kernel (pooled logs)", kernel, make_optimizer(model, 1e-4)),
+    ]
+
+    def run(fused: object, opt: torch.optim.Optimizer) -> Callable[[], None]:
+        step = TrainStep(model, opt, surrogate, k)
+
+        def go() -> None:
+            model.p[0].fused_kernel = fused
+            for _ in range(steps):
+                step(x)
+
+        return go
+
+    runs = [(name, run(fused, opt)) for name, fused, opt in variants]
+    times: dict[str, list[Timing]] = {name: [] for name, _ in runs}
+    for _, fn in runs:
+        fn()  # warm-up
+    for _ in range(args.repeats):
+        for name, fn in runs:
+            times[name].append(timed(fn, device))
+    last_name, last = runs[-1]
+    if keep_freed_memory():
+        last_name = "+ keep freed memory (measured after the others)"
+        times[last_name] = [timed(last, device) for _ in range(args.repeats)]
+    return [(n, *(1e3 * statistics.median(t[i] for t in v) / steps for i in (0, 1))) for n, v in times.items()]
+
+
 def compare_tree(args: argparse.Namespace, tree: str) -> dict[str, list[Timing]]:
     """Ours, with the package imported from ``tree``, in a subprocess: {"objective k": per-step timings}."""
     cmd = [sys.executable, __file__, "--ours-only", "--json", *_passed_args(args)]
@@ -231,6 +277,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ref-seconds", type=float, default=2.0, help="about how long one reference timing runs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--compare-tree", default=None, help="also time ours from this checkout of the package")
+    parser.add_argument("--ablation", action="store_true", help="time the bare step as each trick is added")
     parser.add_argument("--ours-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -250,6 +297,12 @@ def rate(values: list[Timing], which: int) -> float:
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     torch.set_num_threads(args.threads)
+    if args.ablation:
+        print(f"bare IWAE k=50 step, batch {args.batch}, {args.threads} thread(s), median of {args.repeats}\n")
+        print("| step | ms per step, wall clock | ms per step, CPU time |\n|---|---:|---:|")
+        for name, wall, cpu in ablation(args):
+            print(f"| {name} | {wall:.2f} | {cpu:.2f} |")
+        return 0
     if args.ours_only:
         print(json.dumps({f"{o} {k}": measure(args, o, k, ours_only=True)["ours"] for o, k in CASES}))
         return 0

@@ -7,8 +7,8 @@ For logits l = W a + b of the bottom decoder (a: its last hidden activation, row
 so the data term is a dot product with a per-image [B, H] vector, as in the L_k engine (docs/engine.md). The
 gradients follow from ∂/∂l = g_r (x - σ(l)) for an upstream gradient g_r:
 
-    ∂/∂a_r = g_r (Wᵀx - Wᵀσ_r)            one [R, D] x [D, H] matmul
-    ∂/∂W   = xᵀ(Σ_k g a) - Σ_r σ_r (g_r a_r)ᵀ   one [D, R] x [R, H] matmul (g scales a, not σ)
+    ∂/∂a_r = g_r (Wᵀx - Wᵀσ_r)                  one [R, D] x [D, H] matmul
+    ∂/∂W   = xᵀ(Σ_k g a) - Σ_r σ_r (g_r a_r)ᵀ    one [D, R] x [R, H + 1] matmul for both (g scales a, not σ)
     ∂/∂b   = xᵀ(Σ_k g) - Σ_r g_r σ_r
 
 The only pass over the [R, D] block after the forward matmul is one kernel that returns Σ_d softplus per row
@@ -143,13 +143,17 @@ class BernoulliOutput(torch.autograd.Function):
             raise NotImplementedError("the fused output layer does not differentiate with respect to x")
         grad_a = grad_w = grad_b = None
         if need[1]:
-            grad_a = g.unsqueeze(-1) * (wx - (sig @ weight).view(a.shape))
-        if need[2]:
-            ga = (g.unsqueeze(-1) * a).reshape(-1, width)  # [R, H], rows sample-major
-            per_image = ga.view(-1, batch, width).sum(0)  # Σ_k g a: [B, H]
-            grad_w = torch.addmm(x.t() @ per_image, sig.t(), ga, alpha=-1)
-        if need[3]:
-            grad_b = x.t() @ g.reshape(-1, batch).sum(0) - sig.t() @ g.reshape(-1)
+            grad_a = (sig @ weight).view(a.shape).neg_().add_(wx).mul_(g.unsqueeze(-1))
+        if need[2] or need[3]:
+            # [g a | g]: one [D, R] x [R, H + 1] product gives Σ_r σ_r (g_r a_r)ᵀ and Σ_r g_r σ_r together.
+            rows = g.numel()
+            ga_g = torch.empty(rows, width + 1, dtype=g.dtype, device=g.device)
+            torch.mul(a.reshape(rows, width), g.reshape(rows, 1), out=ga_g[:, :width])
+            ga_g[:, width] = g.reshape(rows)
+            per_image = ga_g.view(-1, batch, width + 1).sum(0)  # [Σ_k g a | Σ_k g]: [B, H + 1]
+            both = torch.addmm(x.t() @ per_image, sig.t(), ga_g, alpha=-1)  # [D, H + 1]
+            grad_w = both[:, :width].contiguous() if need[2] else None
+            grad_b = both[:, width].contiguous() if need[3] else None
         return None, grad_a, grad_w, grad_b, None
 
 
