@@ -181,3 +181,26 @@ def test_a_state_written_by_the_previous_loop_resumes(tmp_path: Path) -> None:
     resumed = make_optimizer(IWAE(ModelConfig.paper(1)), 1e-3)
     load_train_state(state_path(out), resumed)
     assert all(g["fused"] for g in resumed.param_groups)
+
+
+def test_an_interrupt_while_a_block_is_drawn_keeps_the_state_before_its_first_step(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    data = synthetic_dataset(n=240).train  # 200 images: 10 steps of 20
+    perm = torch.randperm(200, generator=torch.Generator().manual_seed(1))
+    gen = torch.Generator().manual_seed(2)
+    batches = EpochBatches(data, perm, 20, gen, torch.device("cpu"), block=4)
+    for step in range(4):
+        batches.batch(step)
+    before = gen.get_state()
+
+    def interrupted(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        torch.bernoulli(x[:7], generator=generator)  # part of the block drawn, then Ctrl-C
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("training.step.binarize", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        batches.batch(4)
+    monkeypatch.undo()
+    assert not torch.equal(gen.get_state(), before)
+    assert torch.equal(batches.generator_state(4), before)

@@ -37,7 +37,7 @@ def keep_freed_memory() -> bool:
     """Ask glibc to keep freed memory in the process instead of returning it to the OS.
 
     A k=50 step allocates and frees [k·B, D] blocks of 3 MiB; by default glibc hands them back to the OS and
-    every step faults them in again (~750 page faults a step, ~1 ms of the step measured). Raising the trim
+    every step faults them in again (~750 page faults a step, ~2 ms of a 24 ms step measured). Raising the trim
     and mmap thresholds keeps them for reuse. A no-op (False) where the C library has no mallopt."""
     try:
         libc = ctypes.CDLL(None)
@@ -65,7 +65,7 @@ def make_optimizer(model: IWAE, lr: float) -> torch.optim.Adam:
         return torch.optim.Adam(params, lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS, foreach=True)
 
 
-def restore_fast_adam(opt: torch.optim.Adam, like: torch.optim.Adam | None = None) -> None:
+def restore_fast_adam(opt: torch.optim.Adam) -> None:
     """load_state_dict replaces each group's settings with the saved ones (a state written by an earlier
     version says fused=None, foreach=None): put back the implementation chosen by ``make_optimizer``."""
     for group in opt.param_groups:
@@ -127,7 +127,8 @@ class EpochBatches:
     ) -> None:
         self.x, self.perm, self.batch_size, self.gen = train_x, perm, batch_size, generator
         self.device, self.block = device, block
-        self.start = self.stop = -1  # steps [start, stop) are in the current block
+        self.start = self.stop = -1  # steps [start, stop) are in the current block, once ``ready``
+        self.ready = False
         self.start_state: torch.Tensor | None = None
         self.data = train_x.new_empty(0)
 
@@ -135,17 +136,18 @@ class EpochBatches:
         return self.x[self.perm[start * self.batch_size : stop * self.batch_size]]
 
     def batch(self, step: int) -> torch.Tensor:
-        if not self.start <= step < self.stop:
+        if not (self.ready and self.start <= step < self.stop):
             if step != self.stop and self.stop != -1:
                 raise ValueError(f"batches are drawn in order: step {step} after block [{self.start}, {self.stop})")
+            # Position and generator state first: an interrupt while drawing must still know the state
+            # before ``step`` (generator_state below).
+            state = None if self.gen is None else self.gen.get_state()
             stop = min(self.perm.shape[0] // self.batch_size, step + self.block)
+            self.ready, self.start, self.stop, self.start_state = False, step, stop, state
             rows = self._rows(step, stop)
-            start_state = None
             if self.gen is not None:
-                start_state = self.gen.get_state()
                 rows = binarize(rows, self.gen)
-            # Updated together once the block is ready, so an interrupt never leaves them inconsistent.
-            self.data, self.start_state, self.start, self.stop = rows.to(self.device), start_state, step, stop
+            self.data, self.ready = rows.to(self.device), True
         offset = (step - self.start) * self.batch_size
         return self.data[offset : offset + self.batch_size]
 
@@ -153,8 +155,8 @@ class EpochBatches:
         """The binarization generator's state before ``step``'s draws (None for fixed binarization)."""
         if self.gen is None:
             return None
-        if self.start_state is None or step == self.stop:
-            return self.gen.get_state()
+        if self.start_state is None or (self.ready and step == self.stop):
+            return self.gen.get_state()  # nothing drawn yet this epoch, or the whole block drawn
         replay = torch.Generator().manual_seed(0)
         replay.set_state(self.start_state)
         if step > self.start:
