@@ -28,10 +28,21 @@ from training.datasets import Dataset, binarize, load_dataset
 from training.evaluate import evaluate_dataset
 from training.provenance import hardware, versions
 from training.schedule import Schedule
+from training.step import (
+    ADAM_BETAS,
+    ADAM_EPS,
+    BoundSum,
+    EpochBatches,
+    TrainStep,
+    keep_freed_memory,
+    make_optimizer,
+    restore_fast_adam,
+    use_fused_output,
+)
 
-ADAM_BETAS = (0.9, 0.999)
-ADAM_EPS = 1e-4
 VALID_BINARIZATION_SEED = 1234
+# Steps between progress-bar updates.
+PROGRESS_EVERY = 50
 
 
 def log_path(ckpt: Path) -> Path:
@@ -65,32 +76,40 @@ class _Run:
 
     def __init__(self, cfg: TrainConfig, data: Dataset, device: torch.device, schedule: Schedule) -> None:
         self.cfg, self.data, self.device, self.schedule = cfg, data, device, schedule
-        self.surrogate = get_surrogate(cfg.estimator or cfg.objective)
+        self.dynamic = data.binarization == "dynamic"
         self.model, self.card, self.start_epoch, self.start_step, self.wall = _initial_state(cfg, data, schedule)
         self.model.to(device).train()
-        self.opt = torch.optim.Adam(self.model.parameters(), lr=schedule.lr_at(0.0), betas=ADAM_BETAS, eps=ADAM_EPS)
+        use_fused_output(self.model)
+        keep_freed_memory()
+        self.opt = make_optimizer(self.model, schedule.lr_at(0.0))
         self.bin_gen = torch.Generator().manual_seed(cfg.seed + 1)
-        self.sums: dict[str, Any] = {"bound": 0.0, "steps": 0}
+        self.sums = BoundSum(device)
         if cfg.resume and self.start_epoch + self.start_step > 0:
             rng, meta = load_train_state(state_path(cfg.out), self.opt)
+            restore_fast_adam(self.opt)
             torch.set_rng_state(rng["torch"])
             self.bin_gen.set_state(rng["binarize"])
             if device.type == "cuda" and "cuda" in rng:
                 torch.cuda.set_rng_state(rng["cuda"], device)
-            self.sums = meta["sums"]
+            self.sums = BoundSum(device, meta["sums"])
+        self.step_fn = TrainStep(self.model, self.opt, get_surrogate(cfg.estimator or cfg.objective), cfg.k)
         self.t0 = self.last_save = time.perf_counter()
 
-    def rng_states(self) -> dict[str, torch.Tensor]:
-        rng = {"torch": torch.get_rng_state(), "binarize": self.bin_gen.get_state()}
+    def global_rng(self) -> dict[str, torch.Tensor]:
+        rng = {"torch": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         return rng
+
+    def rng_states(self, rng: dict[str, torch.Tensor], batches: EpochBatches, step: int) -> dict[str, torch.Tensor]:
+        """``rng`` and the binarization generator's state, both as they were before ``step``'s draws."""
+        return {**rng, "binarize": batches.generator_state(step) if self.dynamic else self.bin_gen.get_state()}
 
     def save(self, epoch: int, step: int, rng: dict[str, torch.Tensor]) -> None:
         wall_time_s = round(self.wall + time.perf_counter() - self.t0, 1)
         self.card.update(epochs=epoch, wall_time_s=wall_time_s, hardware=hardware(self.device))
         save_checkpoint(self.cfg.out, self.model, self.card, self.data.train_mean)
-        meta = {"epoch": epoch, "step": step, "sums": self.sums, "wall_time_s": wall_time_s}
+        meta = {"epoch": epoch, "step": step, "sums": self.sums.as_dict(), "wall_time_s": wall_time_s}
         save_train_state(state_path(self.cfg.out), self.opt, rng, meta)
         self.last_save = time.perf_counter()
 
@@ -98,34 +117,28 @@ class _Run:
         """Steps ``first_step`` .. end of the epoch; on an interrupt, save the state before the current step."""
         cfg = self.cfg
         perm = torch.randperm(train_x.shape[0], generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
-        steps = range(first_step, steps_per_epoch)
-        bar = tqdm(steps, desc=f"epoch {epoch + 1}/{self.schedule.epochs}", disable=not cfg.progress, leave=False)
-        step, step_rng = steps.start, self.rng_states()
+        batches = EpochBatches(train_x, perm, cfg.batch_size, self.bin_gen if self.dynamic else None, self.device)
+        desc = f"epoch {epoch + 1}/{self.schedule.epochs}"
+        bar = tqdm(total=steps_per_epoch, initial=first_step, desc=desc, disable=not cfg.progress, leave=False)
+        step, step_rng, lr = first_step, self.global_rng(), -1.0
         try:
-            for step in bar:
-                # The state before this step's random draws, so an interrupt can resume at this very step.
-                step_rng = self.rng_states()
-                xb = train_x[perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]]
-                if self.data.binarization == "dynamic":
-                    xb = binarize(xb, self.bin_gen)
-                self.step(xb.to(self.device), epoch + step / steps_per_epoch)
+            for step in range(first_step, steps_per_epoch):
+                # The state before this step's noise, so an interrupt can resume at this very step.
+                step_rng = self.global_rng()
+                step_lr = self.schedule.lr_at(epoch + step / steps_per_epoch)
+                if step_lr != lr:  # set only when it changes: a per-step loop over the groups is measurable
+                    lr = step_lr
+                    for group in self.opt.param_groups:
+                        group["lr"] = lr
+                self.sums.add(self.step_fn(batches.batch(step)))
+                if (step + 1) % PROGRESS_EVERY == 0:
+                    bar.update(PROGRESS_EVERY)
                 if time.perf_counter() - self.last_save > 60 * cfg.checkpoint_minutes:
-                    self.save(epoch, step + 1, self.rng_states())
+                    self.save(epoch, step + 1, self.rng_states(self.global_rng(), batches, step + 1))
         except KeyboardInterrupt:
-            self.save(epoch, step, step_rng)
+            self.save(epoch, step, self.rng_states(step_rng, batches, step))
             raise
         bar.close()
-
-    def step(self, xb: torch.Tensor, progress: float) -> None:
-        """One Adam step on a batch [B, D] at ``progress`` epochs into the schedule."""
-        for group in self.opt.param_groups:
-            group["lr"] = self.schedule.lr_at(progress)
-        loss, bound = self.surrogate(self.model, xb, self.cfg.k)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
-        self.sums["bound"] += float(bound.mean())
-        self.sums["steps"] += 1
 
     def finish_epoch(self, epoch: int, valid_x: torch.Tensor, epoch_start: float) -> None:
         """Validation L_k, one log line, and a checkpoint at the epoch boundary."""
@@ -135,19 +148,19 @@ class _Run:
         self.model.train()
         record = {
             "epoch": epoch + 1,
-            "train_bound": self.sums["bound"] / max(1, self.sums["steps"]),
+            "train_bound": self.sums.mean(),
             f"valid_L{cfg.val_k}": val.loglik,
             "valid_k": cfg.val_k,
             "lr": self.opt.param_groups[0]["lr"],
             "seconds": round(time.perf_counter() - epoch_start, 2),
         }
-        self.sums = {"bound": 0.0, "steps": 0}
+        self.sums = BoundSum(self.device)
         with log_path(cfg.out).open("a") as f:
             f.write(json.dumps(record) + "\n")
         if cfg.progress:
             print(json.dumps(record), file=sys.stderr, flush=True)
         self.card[f"valid_L{cfg.val_k}"] = val.loglik
-        self.save(epoch + 1, 0, self.rng_states())
+        self.save(epoch + 1, 0, {**self.global_rng(), "binarize": self.bin_gen.get_state()})
 
 
 def _initial_state(cfg: TrainConfig, data: Dataset, schedule: Schedule) -> tuple[IWAE, dict[str, Any], int, int, float]:
