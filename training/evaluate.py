@@ -53,14 +53,16 @@ def evaluate_dataset(
     seed: int = 0,
     memory_bytes: int = DEFAULT_MEMORY_BYTES,
     progress: bool = False,
+    generator: torch.Generator | None = None,
 ) -> EvalResult:
     """L_k of every image of x [N, D] (already binary), in memory-bounded chunks over images and samples.
 
     Noise is drawn on the CPU from one generator seeded with ``seed``, batch after batch, so a data set
-    that fits in one batch gets exactly the service's answer for the same seed.
+    that fits in one batch gets exactly the service's answer for the same seed. ``generator`` (CPU) replaces
+    the seeded one: a shard of a sharded evaluation continues the local run's stream (training.distributed).
     """
     device = next(model.parameters()).device
-    gen = torch.Generator().manual_seed(seed)
+    gen = generator if generator is not None else torch.Generator().manual_seed(seed)
     per_batch = images_per_batch(model, k, memory_bytes)
     chunk_rows = rows_for_budget(model, memory_bytes // 2)
     lls, mcs, elbos = [], [], []
