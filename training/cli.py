@@ -113,6 +113,10 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--update-card", action="store_true", help="store the results in the model card")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--ray", metavar="ADDRESS", help="evaluate in shards on this Ray cluster (auto, HOST:PORT, ray://...)"
+    )
+    p.add_argument("--shards", type=_positive_int, help="Ray tasks the images are split into (default: cluster CPUs)")
     p.set_defaults(func=_cmd_eval)
 
 
@@ -121,6 +125,8 @@ def _cmd_eval(a: argparse.Namespace) -> int:
 
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.shards and not a.ray:
+        raise ValueError("--shards splits the evaluation over a Ray cluster: add --ray ADDRESS")
     result = run_eval(a)
     if a.json:
         print(json.dumps(result, indent=2))

@@ -30,6 +30,13 @@ from training.evaluate import DEFAULT_MEMORY_BYTES, EvalResult, evaluate_dataset
 R = TypeVar("R")
 
 
+def cluster_cpus() -> int:
+    """CPUs of the connected cluster (the default number of shards)."""
+    import ray
+
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
 def connect(address: str) -> None:
     """Join the cluster at ``address`` unless this process already has."""
     import ray
@@ -136,7 +143,6 @@ def evaluate_sharded(
     import ray
 
     start = time.perf_counter()
-    model = model.cpu()
     per_batch = images_per_batch(model, k, memory_bytes)
     bounds = shard_bounds(int(x.shape[0]), per_batch, shards)
     states = noise_states(model, k, int(x.shape[0]), per_batch, [b for b, _ in bounds], seed)

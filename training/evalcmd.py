@@ -10,9 +10,10 @@ from typing import Any
 import torch
 
 from models.checkpoint import finite_or_none
+from models.networks import IWAE
 from training.checkpoints import load_checkpoint, update_card
 from training.datasets import binarize, load_dataset
-from training.evaluate import ACTIVE_UNIT_THRESHOLD, active_unit_stats, count_active, evaluate_dataset
+from training.evaluate import ACTIVE_UNIT_THRESHOLD, EvalResult, active_unit_stats, count_active, evaluate_dataset
 from training.plots import plot_active_units
 from training.train import hardware, resolve_device
 
@@ -28,6 +29,17 @@ def split_images(card: dict[str, Any], split: str, seed: int, data_root: Path | 
     return x, "fixed"
 
 
+def _evaluate_on_ray(model: IWAE, x: torch.Tensor, a: argparse.Namespace, device: torch.device) -> EvalResult:
+    """The same numbers as the local evaluation, from shards run as Ray tasks (training.distributed)."""
+    from training.distributed import cluster_cpus, connect, evaluate_sharded
+
+    connect(a.ray)
+    return evaluate_sharded(
+        model, x, a.k, a.shards or cluster_cpus(), seed=a.seed, memory_bytes=a.memory_mb * 2**20,
+        device=device.type, cpus_per_shard=a.threads or 1, gpus_per_shard=1 if device.type == "cuda" else 0,
+    )  # fmt: skip
+
+
 def run_eval(a: argparse.Namespace) -> dict[str, Any]:
     device = resolve_device(a.device)
     model, card, _ = load_checkpoint(a.ckpt)
@@ -35,7 +47,10 @@ def run_eval(a: argparse.Namespace) -> dict[str, Any]:
     x, binarization = split_images(card, a.split, a.seed, a.data_dir)
     if a.max_images:
         x = x[: a.max_images]
-    res = evaluate_dataset(model, x, a.k, seed=a.seed, memory_bytes=a.memory_mb * 2**20, progress=not a.no_progress)
+    if getattr(a, "ray", None):
+        res = _evaluate_on_ray(model, x, a, device)
+    else:
+        res = evaluate_dataset(model, x, a.k, seed=a.seed, memory_bytes=a.memory_mb * 2**20, progress=not a.no_progress)
     au_x, _ = split_images(card, "train", a.seed, a.data_dir)
     au_x = au_x[torch.randperm(au_x.shape[0], generator=torch.Generator().manual_seed(a.seed))[: a.au_images]]
     a_u = active_unit_stats(model, au_x, seed=a.seed)

@@ -69,6 +69,9 @@ def _train_argv(row: Row, out: Path, a: argparse.Namespace) -> list[str]:
     argv = ["train", "--dataset", row.dataset, "--objective", row.objective, "--k", str(row.k)]
     argv += ["--layers", str(row.layers), "--epochs", str(a.budget), "--seed", str(a.seed), "--out", str(out)]
     argv += ["--device", a.device, "--resume", "--no-progress"]
+    for flag in ("max_train_images", "val_k"):  # smoke runs
+        if getattr(a, flag, None):
+            argv += [f"--{flag.replace('_', '-')}", str(getattr(a, flag))]
     return argv + _common(a)
 
 
@@ -146,9 +149,29 @@ def table1_markdown(out_dir: Path) -> str:
 def _cmd_table1(a: argparse.Namespace) -> int:
     rows = [Row.parse(r) for r in a.rows] if a.rows else ALL_ROWS
     a.out_dir.mkdir(parents=True, exist_ok=True)
+    if a.ray:
+        return _table1_on_ray(rows, a)
     for row in rows:
         run_row(row, a)
         write_results(a)
+    return 0
+
+
+def _table1_on_ray(rows: list[Row], a: argparse.Namespace) -> int:
+    """Every row a Ray task writing into --out-dir, a folder every node shares; the table is rewritten here."""
+    from functools import partial
+
+    from training.distributed import connect, run_grid_on_ray
+
+    a.out_dir = a.out_dir.resolve()
+    connect(a.ray)
+    run_grid_on_ray(
+        rows,
+        partial(run_row, a=a),
+        cpus_per_row=a.threads or 1,
+        gpus_per_row=1 if a.device == "cuda" else 0,
+        on_done=lambda _row: write_results(a),
+    )
     return 0
 
 
@@ -258,6 +281,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         q.set_defaults(func=func)
         if name == "table1":
             q.add_argument("--rows", nargs="+", help="rows to run, e.g. mnist-iwae-k50-1l (default: all 12)")
+            q.add_argument("--ray", metavar="ADDRESS", help="run every row as a task on this Ray cluster")
+            q.add_argument("--max-train-images", type=int, help="train on the first N images (smoke runs)")
+            q.add_argument("--val-k", type=int, help="k of the per-epoch validation L_k (smoke runs)")
         else:
             q.add_argument("--vae", type=Path, required=True, help="converged VAE k=1 checkpoint")
             q.add_argument("--iwae", type=Path, required=True, help="converged IWAE k=50 checkpoint")
