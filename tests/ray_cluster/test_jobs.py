@@ -47,7 +47,18 @@ def test_eval_cli_with_ray_gives_the_local_outputs(
     ckpt = tmp_path / ZOO_MODEL.name
     ckpt.write_bytes(ZOO_MODEL.read_bytes())
     common = [str(ckpt), "--k", "100", "--max-images", "40", "--memory-mb", "1", "--au-images", "50"]
-    common += ["--json", "--no-progress", "--device", "cpu", "--seed", "2", "--histogram", str(tmp_path / "h.png")]
+    common += [
+        "--json",
+        "--no-progress",
+        "--device",
+        "cpu",
+        "--seed",
+        "2",
+        "--threads",
+        "1",
+        "--histogram",
+        str(tmp_path / "h.png"),
+    ]
     outputs = []
     for extra in ([], ["--ray", ray_cluster.address, "--shards", "2"]):
         assert cli_main(["eval", *common, *extra]) == 0
