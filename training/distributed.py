@@ -41,8 +41,12 @@ def connect(address: str) -> None:
     """Join the cluster at ``address`` unless this process already has."""
     import ray
 
-    if not ray.is_initialized():
+    if ray.is_initialized():
+        return
+    try:
         ray.init(address=address, log_to_driver=False)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise ValueError(f"cannot join the Ray cluster at {address!r}: {e}") from e
 
 
 # --- sharded evaluation -----------------------------------------------------------------------------------
