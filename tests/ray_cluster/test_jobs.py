@@ -87,3 +87,8 @@ def test_reproduce_grid_on_ray_writes_every_row(
     table = results.read_text()
     assert all(f"| {name} |" in table for name in rows)
     assert table1_markdown(tmp_path / "zoo") in table  # the table a local run writes from these checkpoints
+    # Rerunning the grid resumes every row: finished, evaluated rows are neither retrained nor re-evaluated.
+    before = {name: (tmp_path / "zoo" / f"{name}.safetensors").read_bytes() for name in rows}
+    assert cli_main(argv) == 0
+    assert {name: (tmp_path / "zoo" / f"{name}.safetensors").read_bytes() for name in rows} == before
+    assert results.read_text() == table
