@@ -9,10 +9,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from training import cli as training_cli
-
 
 def build_parser() -> argparse.ArgumentParser:
+    # Imported here, not at the top: `iwae serve` must run in the serving image, which has no training extras.
+    from training import cli as training_cli
+
     parser = argparse.ArgumentParser(
         prog="iwae", description="Importance weighted autoencoders: train, evaluate, serve."
     )
@@ -30,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
         from service.__main__ import main as serve_main
 
         return serve_main(argv[1:])
+    from training import cli as training_cli
+
     args = build_parser().parse_args(argv)
     args.argv = argv  # the command line, for model cards
     return training_cli.run(args)

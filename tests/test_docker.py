@@ -291,7 +291,7 @@ def test_service_and_iwae_serve_import_without_training_dependencies() -> None:
         "for pkg in (models, service):\n"
         "    for m in pkgutil.iter_modules(pkg.__path__):\n"
         "        importlib.import_module(f'{pkg.__name__}.{m.name}')\n"
-        "from training.cli import main\n"
+        "from iwae_cli import main\n"
         "main(['serve', '--help'])\n"
     )
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -115,9 +115,18 @@ class EvalConfig:
     )
     update_card: bool = field(default=False, metadata=arg("store the results in the model card"))
     progress: bool = field(default=True, metadata=arg("no progress bar", flag="--no-progress"))
+    ray: str | None = field(
+        default=None, metadata=arg("evaluate in shards on this Ray cluster (auto, HOST:PORT, ray://...)")
+    )
+    shards: int | None = field(
+        default=None,
+        metadata=arg("Ray tasks the images are split into (default: the cluster's CPUs)", type=positive_int),
+    )
 
     def __post_init__(self) -> None:
         self.ckpt = Path(self.ckpt)
+        if self.shards is not None and not self.ray:
+            raise ValueError("--shards splits the evaluation over a Ray cluster: add --ray ADDRESS")
         if self.split not in SPLITS:
             raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {self.split!r}")
         if self.k < 1 or self.memory_mb < 1 or self.au_images < 2:

@@ -12,6 +12,7 @@ import torch
 
 from models.checkpoint import finite_or_none
 from models.device import resolve_device
+from models.networks import IWAE
 from models.noise import seeded_generator
 from models.posterior import ACTIVE_UNIT_THRESHOLD, active_unit_variances, count_active
 from training.checkpoints import load_checkpoint, update_card
@@ -79,6 +80,17 @@ def split_images(card: dict[str, Any], split: str, seed: int, data_root: Path | 
     return x, "fixed"
 
 
+def _evaluate_on_ray(model: IWAE, x: torch.Tensor, cfg: EvalConfig, device: torch.device) -> EvalResult:
+    """The same numbers as the local evaluation, from shards run as Ray tasks (training.distributed)."""
+    from training.distributed import cluster_cpus, connect, evaluate_sharded
+
+    connect(cfg.ray)
+    return evaluate_sharded(
+        model, x, cfg.k, cfg.shards or cluster_cpus(), seed=cfg.seed, memory_bytes=cfg.memory_mb * 2**20,
+        device=device.type, cpus_per_shard=1, gpus_per_shard=1 if device.type == "cuda" else 0,
+    )  # fmt: skip
+
+
 def evaluate_checkpoint(cfg: EvalConfig) -> EvalReport:
     """Evaluate ``cfg.ckpt``, draw its log A_u histogram, and (with ``update_card``) store the report in its card."""
     device = resolve_device(cfg.device)
@@ -88,7 +100,10 @@ def evaluate_checkpoint(cfg: EvalConfig) -> EvalReport:
     if cfg.max_images:
         x = x[: cfg.max_images]
     memory_bytes = cfg.memory_mb * 2**20
-    res = evaluate_dataset(model, x, cfg.k, seed=cfg.seed, memory_bytes=memory_bytes, progress=cfg.progress)
+    if cfg.ray:
+        res = _evaluate_on_ray(model, x, cfg, device)
+    else:
+        res = evaluate_dataset(model, x, cfg.k, seed=cfg.seed, memory_bytes=memory_bytes, progress=cfg.progress)
     au_x, _ = split_images(card, "train", cfg.seed, cfg.data_root)
     au_x = au_x[torch.randperm(au_x.shape[0], generator=torch.Generator().manual_seed(cfg.seed))[: cfg.au_images]]
     a_u = active_unit_variances(model, au_x.to(device, torch.float32), generator=seeded_generator(device, cfg.seed))

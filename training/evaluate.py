@@ -53,15 +53,17 @@ def evaluate_dataset(
     seed: int = 0,
     memory_bytes: int = DEFAULT_MEMORY_BYTES,
     progress: bool = False,
+    generator: torch.Generator | None = None,
 ) -> EvalResult:
     """L_k of every image of x [N, D] (already binary), in memory-bounded chunks over images and samples.
 
     Noise is drawn on the CPU from one generator seeded with ``seed``, batch after batch: the first batch's
     noise is ``models.noise.request_noise(model, k, n, seed)``, so a data set that fits in one batch gets
-    exactly the service's answer for the same seed.
+    exactly the service's answer for the same seed. ``generator`` (CPU) replaces the seeded one: a shard of a
+    sharded evaluation continues the local run's stream (training.distributed).
     """
     device = next(model.parameters()).device
-    gen = seeded_generator(torch.device("cpu"), seed)
+    gen = generator if generator is not None else seeded_generator(torch.device("cpu"), seed)
     per_batch = images_per_batch(model, k, memory_bytes)
     chunk_rows = chunk_rows_for(model, device, memory_bytes // 2)
     lls, mcs, elbos = [], [], []

@@ -12,6 +12,7 @@ import json
 import shlex
 import sys
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,10 @@ class Plan:
     eval_images: int | None = field(
         default=None, metadata=arg("evaluate on the first N test images (default: all)", type=positive_int)
     )
+    max_train_images: int | None = field(
+        default=None, metadata=arg("train on the first N images (smoke runs)", type=positive_int)
+    )
+    val_k: int = field(default=100, metadata=arg("k of the per-epoch validation L_k", type=positive_int))
     command: str | None = field(default=None, metadata=arg("", cli=False))  # for the model cards
 
     @classmethod
@@ -113,6 +118,8 @@ class Plan:
             progress=False,
             data_root=self.data_root,
             command=self.command,
+            max_train_images=self.max_train_images,
+            val_k=self.val_k,
         )
         train(cfg)
 
@@ -182,9 +189,27 @@ def _cmd_table1(a: argparse.Namespace) -> int:
     rows = [Row.parse(r) for r in a.rows] if a.rows else ALL_ROWS
     plan = Plan.from_args(a)
     plan.out_dir.mkdir(parents=True, exist_ok=True)
+    if a.ray:
+        return _table1_on_ray(rows, plan, a)
     for row in rows:
         run_row(row, plan)
         write_results(plan.out_dir, a.results)
+    return 0
+
+
+def _table1_on_ray(rows: list[Row], plan: Plan, a: argparse.Namespace) -> int:
+    """Every row a Ray task writing into --out-dir, a folder every node shares; the table is rewritten here."""
+    from training.distributed import connect, run_grid_on_ray
+
+    plan.out_dir = plan.out_dir.resolve()
+    connect(a.ray)
+    run_grid_on_ray(
+        rows,
+        partial(run_row, plan=plan),
+        cpus_per_row=a.threads or 1,
+        gpus_per_row=1 if plan.device == "cuda" else 0,
+        on_done=lambda _row: write_results(plan.out_dir, a.results),
+    )
     return 0
 
 
@@ -283,6 +308,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         q.set_defaults(func=func)
         if name == "table1":
             q.add_argument("--rows", nargs="+", help="rows to run, e.g. mnist-iwae-k50-1l (default: all 12)")
+            q.add_argument("--ray", metavar="ADDRESS", help="run every row as a task on this Ray cluster")
         else:
             q.add_argument("--vae", type=Path, required=True, help="converged VAE k=1 checkpoint")
             q.add_argument("--iwae", type=Path, required=True, help="converged IWAE k=50 checkpoint")
