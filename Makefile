@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: venv test lint serve bench clean
+.PHONY: venv browser test lint serve bench clean
 
 $(BIN)/activate:
 	$(PY) -m venv $(VENV)
@@ -15,7 +15,14 @@ $(BIN)/activate:
 
 venv: $(BIN)/activate
 
-test: venv
+# The browser test (tests/test_web.py) drives Debian's chromium, installed here when missing and root;
+# without it that test is skipped.
+browser:
+	@command -v chromium >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1 || \
+	  (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium) || \
+	  echo "could not install chromium: the browser test will be skipped"
+
+test: venv browser
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q tests
 

@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 from models.checkpoint import from_bytes, to_bytes  # noqa: E402
 from models.config import ModelConfig  # noqa: E402
-from models.engine import DEFAULT_CHUNK_ROWS, engine_log_weights, rows_for_budget  # noqa: E402
+from models.engine import chunk_rows_for, engine_log_weights  # noqa: E402
 from models.networks import IWAE  # noqa: E402
 from service.settings import DEFAULT_MODEL, DEFAULT_MODELS_DIR, Settings  # noqa: E402
 
@@ -190,7 +190,7 @@ def stop_server(proc: subprocess.Popen[bytes]) -> None:
 # --- offline engine -----------------------------------------------------------------------------------------
 def engine_images_per_s(model: IWAE, k: int, batch: int, seconds: float, with_noise: bool) -> float:
     """Images/s of engine_log_weights on [batch] images at k samples, chunked as the service chunks."""
-    chunk_rows = min(rows_for_budget(model, Settings().memory_bytes), DEFAULT_CHUNK_ROWS)
+    chunk_rows = chunk_rows_for(model, torch.device("cpu"), Settings().memory_bytes)
     x = (torch.rand(batch, model.config.x_dim, generator=torch.Generator().manual_seed(0)) < 0.3).float()
     gen = torch.Generator().manual_seed(1)
     noise = model.draw_noise(k, batch, generator=gen)

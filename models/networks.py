@@ -15,6 +15,7 @@ from torch import nn
 
 from models.config import ModelConfig
 from models.distributions import LOG_2PI, bernoulli_log_prob, gaussian_log_prob, std_normal_log_prob
+from models.fused import Kernel, bernoulli_output_log_prob
 
 # Clipping used by the paper's code before taking the logit of the training pixel mean.
 MEAN_CLIP = 1e-3
@@ -63,8 +64,17 @@ class BernoulliLayer(nn.Module):
         self.hidden = MLP(d_in, hidden)
         self.logits = nn.Linear(self.hidden.d_out, d_out)
 
+        # Set by the trainer (training/step.py): log_prob then runs the fused output layer (models/fused.py).
+        self.fused_kernel: Kernel | None = None
+
     def forward(self, h: torch.Tensor, detach: bool = False) -> torch.Tensor:
         return _linear(self.hidden(h, detach), self.logits, detach)
+
+    def log_prob(self, x: torch.Tensor, h: torch.Tensor, detach: bool = False) -> torch.Tensor:
+        """log p(x | h) summed over pixels: x [B, D], h [..., B, d] -> [..., B]."""
+        if self.fused_kernel is None or detach:
+            return bernoulli_log_prob(x, self(h, detach))
+        return bernoulli_output_log_prob(x, self.hidden(h), self.logits.weight, self.logits.bias, self.fused_kernel)
 
 
 @dataclass
@@ -169,8 +179,7 @@ class IWAE(nn.Module):
         for layer_idx in range(1, self.config.n_layers):
             mean, log_std = self.p[layer_idx](h[layer_idx], detach_params)
             total = total + gaussian_log_prob(h[layer_idx - 1], mean, log_std)
-        logits = self.p[0](h[0], detach_params)
-        return total + bernoulli_log_prob(x, logits)
+        return total + self.p[0].log_prob(x, h[0], detach_params)
 
     def log_weights(
         self,

@@ -69,3 +69,21 @@ def active_units(a_u: torch.Tensor, threshold: float = ACTIVE_UNIT_THRESHOLD) ->
 def count_active(a_u: list[torch.Tensor], threshold: float = ACTIVE_UNIT_THRESHOLD) -> list[int]:
     """Number of active units per layer."""
     return [int(active_units(a, threshold).numel()) for a in a_u]
+
+
+@torch.no_grad()
+def reconstruct(
+    model: IWAE, x: torch.Tensor, noise: list[torch.Tensor] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixel probabilities p(x | h1) decoded from the posterior: x [B, D] -> (mean [B, D], draws [S, B, D]).
+
+    ``mean`` decodes the exact posterior mean E_q[h1 | x] of the bottom layer. ``draws`` decode h1 of S samples
+    h ~ q(h | x) made with ``noise`` ([S, B, d_l] per layer, the `draw_noise` layout; S = 0 without noise), so
+    the same noise as a log-likelihood request gives the very samples that request weighs.
+    """
+    mean, _ = model.q[0](x)
+    decoded_mean = torch.sigmoid(model.p[0](mean))
+    if noise is None or noise[0].shape[0] == 0:
+        return decoded_mean, decoded_mean.new_zeros((0, *decoded_mean.shape))
+    h1 = model.sample_latents(x, int(noise[0].shape[0]), noise=noise).h[0]
+    return decoded_mean, torch.sigmoid(model.p[0](h1))

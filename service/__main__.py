@@ -1,6 +1,7 @@
 """`python -m service` and `iwae serve`: run the HTTP service with uvicorn.
 
-Command-line flags override `IWAE_*` environment variables, which override the defaults in settings.py.
+Command-line flags override `IWAE_*` environment variables, which override the defaults in settings.py. The
+flags are generated from the `Settings` fields: name, type, choices and help all come from the field.
 """
 
 from __future__ import annotations
@@ -9,34 +10,34 @@ import argparse
 import logging
 import os
 import sys
-from pathlib import Path
+import types
+from typing import Any, Literal, Union, get_args, get_origin
 
 from pydantic import ValidationError
+from pydantic.fields import FieldInfo
 
-from service.settings import Settings
+from service.settings import Settings, env_name, flag_name, metavar, shown_default
 
 log = logging.getLogger("iwae.service")
 
-# flag -> (settings field, type, help)
-_FLAGS: list[tuple[str, str, type, str]] = [
-    ("--default-model", "default_model", str, "model used when a request names none (IWAE_DEFAULT_MODEL)"),
-    ("--host", "host", str, "address to bind (IWAE_HOST; 0.0.0.0 in containers)"),
-    ("--port", "port", int, "port to bind (IWAE_PORT)"),
-    ("--workers", "workers", int, "uvicorn worker processes, each with every model (IWAE_WORKERS)"),
-    ("--threads", "threads", int, "torch intra-op threads (IWAE_THREADS)"),
-    ("--max-k", "max_k", int, "largest k for /loglik (IWAE_MAX_K)"),
-    ("--max-n", "max_n", int, "largest n for /sample (IWAE_MAX_N)"),
-    ("--max-images", "max_images", int, "most images per request (IWAE_MAX_IMAGES)"),
-    ("--max-request-cost", "max_request_cost", int, "most images × k per request (IWAE_MAX_REQUEST_COST)"),
-    ("--max-body-bytes", "max_body_bytes", int, "largest request body (IWAE_MAX_BODY_BYTES)"),
-    ("--batch-cost", "batch_cost", int, "batch budget in images × k (IWAE_BATCH_COST)"),
-    ("--max-batch-requests", "max_batch_requests", int, "most requests per batch; 1 = no batching"),
-    ("--max-wait-ms", "max_wait_ms", float, "batch collection wait after the first request (IWAE_MAX_WAIT_MS)"),
-    ("--queue-size", "queue_size", int, "queued requests per model before 503 (IWAE_QUEUE_SIZE)"),
-    ("--timeout-s", "timeout_s", float, "per-request time limit, queue plus compute (IWAE_TIMEOUT_S)"),
-    ("--retry-after-s", "retry_after_s", int, "Retry-After seconds sent with 503 (IWAE_RETRY_AFTER_S)"),
-    ("--memory-bytes", "memory_bytes", int, "L_k engine activation memory budget (IWAE_MEMORY_BYTES)"),
-]
+
+def _argument(name: str, info: FieldInfo) -> dict[str, Any]:
+    """argparse keywords for one settings field. Every flag defaults to None: unset flags leave the field to
+    the environment and the field's default."""
+    help_text = f"{(info.description or '').replace('`', '')} ({env_name(name)}; default: "
+    help_text += shown_default(name, info).replace("`", "") + ")"
+    kwargs: dict[str, Any] = {"help": help_text.replace("%", "%%")}
+    annotation = info.annotation
+    if get_origin(annotation) in (Union, types.UnionType):  # `int | None`: the flag takes the int
+        annotation = next(a for a in get_args(annotation) if a is not type(None))
+    if get_origin(annotation) is Literal:
+        kwargs["choices"] = list(get_args(annotation))
+    elif get_origin(annotation) is list:
+        (item,) = get_args(annotation)
+        kwargs.update(nargs="+", type=item, metavar=metavar(info))
+    else:
+        kwargs["type"] = annotation
+    return kwargs
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,19 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve IWAE checkpoints over HTTP (L_k log-likelihoods, encodings, samples, active units). "
         "Every option also reads from an IWAE_* environment variable; flags win. See docs/service.md.",
     )
-    p.add_argument(
-        "--models",
-        nargs="+",
-        type=Path,
-        metavar="DIR|FILE",
-        help="checkpoint files or folders of *.safetensors (IWAE_MODELS; default: the repository's models/zoo)",
-    )
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where the models run (IWAE_DEVICE)")
-    for flag, _field, typ, text in _FLAGS:
-        p.add_argument(flag, type=typ, help=text)
-    p.add_argument(
-        "--log-level", choices=["critical", "error", "warning", "info", "debug"], help="log level (IWAE_LOG_LEVEL)"
-    )
+    for name, info in Settings.model_fields.items():
+        p.add_argument(flag_name(name), dest=name, **_argument(name, info))
     return p
 
 
@@ -85,13 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         uvicorn.run("service.app:create_app_from_env", factory=True, workers=settings.workers, **common)
         return 0
 
-    import torch
-
     from service.app import create_app
     from service.registry import ModelRegistry, NoModelsError
 
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
     try:
         # Loaded here, before binding the port, so that a bad models path fails the command at once.
         registry = ModelRegistry.load(settings)

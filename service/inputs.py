@@ -1,7 +1,7 @@
 """Request bodies to image tensors: JSON, multipart PNG/JPEG uploads and .npy, with validation and binarization.
 
-Every problem raises `InputError` with the HTTP status and a message that names it; nothing here lets a
-malformed input through to the model.
+Every problem raises a `service.errors.ServiceError` (400, 413, 415 or 422) with a message that names it;
+nothing here lets a malformed input through to the model.
 """
 
 from __future__ import annotations
@@ -19,6 +19,15 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from starlette.exceptions import HTTPException
 
+from service.errors import (
+    BadRequestError,
+    ErrorCode,
+    InvalidInputError,
+    PayloadTooLargeError,
+    ServiceError,
+    UnsupportedMediaTypeError,
+)
+
 NPY_MAGIC = b"\x93NUMPY"
 JSON_TYPES = ("application/json",)
 NPY_TYPES = ("application/x-npy", "application/npy", "application/octet-stream")
@@ -33,18 +42,6 @@ class Binarize(enum.StrEnum):
     none = "none"
     threshold = "threshold"
     stochastic = "stochastic"
-
-
-class InputError(ValueError):
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-
-
-def bad(message: str, status: int = 422, code: str = "invalid_input") -> InputError:
-    return InputError(status, code, message)
 
 
 @dataclass(frozen=True)
@@ -77,22 +74,22 @@ def decode_json(body: bytes, spec: InputSpec) -> np.ndarray:
     try:
         payload = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise bad(f"body is not valid JSON: {e}", 400, "invalid_json") from None
+        raise BadRequestError(f"body is not valid JSON: {e}", ErrorCode.invalid_json) from None
     if not isinstance(payload, dict) or "images" not in payload:
-        raise bad('JSON body must be an object {"images": [...]}', 422, "invalid_json")
+        raise InvalidInputError('JSON body must be an object {"images": [...]}', ErrorCode.invalid_json)
     extra = sorted(set(payload) - {"images"})
     if extra:
-        raise bad(f"unknown JSON field(s) {extra}: the body holds only 'images'", 422, "invalid_json")
+        raise InvalidInputError(f"unknown JSON field(s) {extra}: the body holds only 'images'", ErrorCode.invalid_json)
     images = payload["images"]
     if not isinstance(images, list):
-        raise bad("'images' must be a list of images", 422, "invalid_shape")
+        raise InvalidInputError("'images' must be a list of images", ErrorCode.invalid_shape)
     if not images:
-        raise bad("no images: 'images' is an empty list", 422, "no_images")
+        raise InvalidInputError("no images: 'images' is an empty list", ErrorCode.no_images)
     if not isinstance(images[0], list):
-        raise bad(
+        raise InvalidInputError(
             f"'images' must be a list of images, each {spec.shapes_text()} (got a list of numbers: "
             "wrap a single image in a list)",
-            code="invalid_shape",
+            ErrorCode.invalid_shape,
         )
     check_count(len(images), spec)
     try:
@@ -103,13 +100,15 @@ def decode_json(body: bytes, spec: InputSpec) -> np.ndarray:
             try:
                 a = np.asarray(img, dtype=np.float64)
             except (ValueError, TypeError):
-                raise bad(
+                raise InvalidInputError(
                     f"image {i} is not a list of numbers (ragged rows or a non-numeric value); "
                     f"expected {spec.shapes_text()}",
-                    code="invalid_shape",
+                    ErrorCode.invalid_shape,
                 ) from None
             _check_image_shape(a.shape, i, spec)
-        raise bad(f"images have different shapes; each must be {spec.shapes_text()}", code="invalid_shape") from None
+        raise InvalidInputError(
+            f"images have different shapes; each must be {spec.shapes_text()}", ErrorCode.invalid_shape
+        ) from None
     _check_image_shape(arr.shape[1:], 0, spec)
     return arr.reshape(arr.shape[0], spec.x_dim)
 
@@ -117,7 +116,9 @@ def decode_json(body: bytes, spec: InputSpec) -> np.ndarray:
 def _check_image_shape(shape: tuple[int, ...], index: int, spec: InputSpec) -> None:
     if tuple(shape) == (spec.x_dim,) or (spec.image_shape and tuple(shape) == spec.image_shape):
         return
-    raise bad(f"image {index} has shape {list(shape)}; expected {spec.shapes_text()}", code="invalid_shape")
+    raise InvalidInputError(
+        f"image {index} has shape {list(shape)}; expected {spec.shapes_text()}", ErrorCode.invalid_shape
+    )
 
 
 # The header np.save writes: {'descr': '<f4', 'fortran_order': False, 'shape': (2, 784), }
@@ -155,25 +156,29 @@ def _fast_npy(body: bytes) -> np.ndarray | None:
 
 def decode_npy(body: bytes, spec: InputSpec) -> np.ndarray:
     if not body.startswith(NPY_MAGIC):
-        raise bad("body is not a .npy file (missing the \\x93NUMPY header)", 400, "invalid_npy")
+        raise BadRequestError("body is not a .npy file (missing the \\x93NUMPY header)", ErrorCode.invalid_npy)
     try:
         fast = _fast_npy(body)
         arr = fast if fast is not None else np.load(io.BytesIO(body), allow_pickle=False)
     except ValueError as e:
-        raise bad(f"body is not a readable .npy array: {e}", 400, "invalid_npy") from None
+        raise BadRequestError(f"body is not a readable .npy array: {e}", ErrorCode.invalid_npy) from None
     except Exception as e:  # numpy raises several types for truncated or corrupt files
-        raise bad(f"body is not a readable .npy array: {type(e).__name__}: {e}", 400, "invalid_npy") from None
+        raise BadRequestError(
+            f"body is not a readable .npy array: {type(e).__name__}: {e}", ErrorCode.invalid_npy
+        ) from None
     if arr.dtype.kind not in "biuf":
-        raise bad(
-            f".npy array has dtype {arr.dtype}; expected a numeric (float, int or bool) array", code="invalid_dtype"
+        raise InvalidInputError(
+            f".npy array has dtype {arr.dtype}; expected a numeric (float, int or bool) array", ErrorCode.invalid_dtype
         )
     ok = (arr.ndim == 2 and arr.shape[1] == spec.x_dim) or (
         spec.image_shape is not None and arr.ndim == 3 and tuple(arr.shape[1:]) == spec.image_shape
     )
     if not ok:
-        raise bad(f".npy array has shape {list(arr.shape)}; expected {spec.array_shapes_text()}", code="invalid_shape")
+        raise InvalidInputError(
+            f".npy array has shape {list(arr.shape)}; expected {spec.array_shapes_text()}", ErrorCode.invalid_shape
+        )
     if arr.shape[0] == 0:
-        raise bad("no images: the .npy array has 0 rows", code="no_images")
+        raise InvalidInputError("no images: the .npy array has 0 rows", ErrorCode.no_images)
     check_count(arr.shape[0], spec)
     return arr.reshape(arr.shape[0], spec.x_dim).astype(np.float64)
 
@@ -181,34 +186,36 @@ def decode_npy(body: bytes, spec: InputSpec) -> np.ndarray:
 def decode_image_file(data: bytes, label: str, spec: InputSpec, resize: bool) -> np.ndarray:
     """One PNG/JPEG upload to [x_dim] values in [0, 1]."""
     if spec.image_shape is None:
-        raise bad(
+        raise InvalidInputError(
             f"model inputs have {spec.x_dim} values, which is not an image shape; send JSON or .npy instead",
-            code="not_an_image_model",
+            ErrorCode.not_an_image_model,
         )
     if not data:
-        raise bad(f"{label} is empty", 400, "undecodable_image")
+        raise BadRequestError(f"{label} is empty", ErrorCode.undecodable_image)
     try:
         img = Image.open(io.BytesIO(data))
         if img.format not in ("PNG", "JPEG"):
-            raise bad(f"{label} is a {img.format} image; only PNG and JPEG are accepted", 400, "undecodable_image")
+            raise BadRequestError(
+                f"{label} is a {img.format} image; only PNG and JPEG are accepted", ErrorCode.undecodable_image
+            )
         w, h = img.size
         if w * h > MAX_DECODED_PIXELS:
-            raise bad(
-                f"{label} is {w} × {h} pixels, more than the {MAX_DECODED_PIXELS} allowed", 413, "image_too_large"
+            raise PayloadTooLargeError(
+                f"{label} is {w} × {h} pixels, more than the {MAX_DECODED_PIXELS} allowed", ErrorCode.image_too_large
             )
         img.load()
-    except InputError:
+    except ServiceError:
         raise
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise bad(f"{label} is not a decodable PNG/JPEG image: {e}", 400, "undecodable_image") from None
+        raise BadRequestError(f"{label} is not a decodable PNG/JPEG image: {e}", ErrorCode.undecodable_image) from None
     arr = _grayscale(img, label)
     eh, ew = spec.image_shape
     if arr.shape != (eh, ew):
         if not resize:
-            raise bad(
+            raise InvalidInputError(
                 f"{label} is {arr.shape[1]} × {arr.shape[0]} (width × height); the model expects {ew} × {eh}: "
                 "send images of that size or pass resize=true",
-                code="invalid_shape",
+                ErrorCode.invalid_shape,
             )
         resized = Image.fromarray(arr.astype(np.float32), mode="F").resize((ew, eh), Image.Resampling.BILINEAR)
         arr = np.clip(np.asarray(resized, dtype=np.float64), 0.0, 1.0)
@@ -223,7 +230,9 @@ def _grayscale(img: Image.Image, label: str) -> np.ndarray:
         a = np.asarray(img, dtype=np.float64)
         return a / (65535.0 if a.max(initial=0) > 255 else 255.0)
     if img.mode == "F":
-        raise bad(f"{label} has floating-point pixels; send 8- or 16-bit grayscale", code="invalid_image_mode")
+        raise InvalidInputError(
+            f"{label} has floating-point pixels; send 8- or 16-bit grayscale", ErrorCode.invalid_image_mode
+        )
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         # Transparent pixels take the background (black) so that alpha does not leak into intensity.
         rgba = img.convert("RGBA")
@@ -234,7 +243,9 @@ def _grayscale(img: Image.Image, label: str) -> np.ndarray:
 
 def decode_files(files: list[tuple[str, bytes]], spec: InputSpec, resize: bool) -> np.ndarray:
     if not files:
-        raise bad("the multipart body has no file parts: upload one or more PNG/JPEG files", code="no_images")
+        raise InvalidInputError(
+            "the multipart body has no file parts: upload one or more PNG/JPEG files", ErrorCode.no_images
+        )
     check_count(len(files), spec)
     rows = [decode_image_file(data, f"file {i} ({name!r})", spec, resize) for i, (name, data) in enumerate(files)]
     return np.stack(rows)
@@ -242,10 +253,9 @@ def decode_files(files: list[tuple[str, bytes]], spec: InputSpec, resize: bool) 
 
 def check_count(n: int, spec: InputSpec) -> None:
     if n > spec.max_images:
-        raise bad(
+        raise PayloadTooLargeError(
             f"too many images: {n} in one request, the limit is {spec.max_images} (IWAE_MAX_IMAGES)",
-            413,
-            "too_many_images",
+            ErrorCode.too_many_images,
         )
 
 
@@ -261,11 +271,11 @@ def validate_and_binarize(x: np.ndarray, binarize: Binarize, seed: int) -> np.nd
     if binarize is Binarize.none:
         nonbinary = (x != 0.0) & (x != 1.0)
         i, j = (int(v) for v in np.argwhere(nonbinary)[0])
-        raise bad(
+        raise InvalidInputError(
             f"image {i} has non-binary pixel values (e.g. {x[i, j]:g} at index {j}) but binarize=none: "
             "the model is defined on binary pixels; send 0/1 values or pass binarize=threshold or "
             "binarize=stochastic",
-            code="not_binary",
+            ErrorCode.not_binary,
         )
     if binarize is Binarize.threshold:
         out = (x > 0.5).astype(np.float32)
@@ -280,14 +290,14 @@ def _check_finite_and_range(x: np.ndarray) -> None:
     finite = np.isfinite(x)
     if not finite.all():
         i = int(np.argwhere(~finite.all(axis=1))[0, 0])
-        raise bad(f"image {i} contains NaN or infinite values", code="not_finite")
+        raise InvalidInputError(f"image {i} contains NaN or infinite values", ErrorCode.not_finite)
     low, high = x < 0.0, x > 1.0
     if low.any() or high.any():
         i = int(np.argwhere((low | high).any(axis=1))[0, 0])
-        raise bad(
+        raise InvalidInputError(
             f"image {i} has values outside [0, 1] (min {x[i].min():g}, max {x[i].max():g}); "
             "scale pixel intensities to [0, 1]",
-            code="out_of_range",
+            ErrorCode.out_of_range,
         )
 
 
@@ -302,55 +312,55 @@ async def read_images(
     """Decode, validate and binarize the request's images: float32 tensor [N, x_dim] on the CPU."""
     kind = media_type(request.headers.get("content-type"))
     if kind in MULTIPART_TYPES:
-        try:
-            form = await request.form(
-                max_files=spec.max_images, max_fields=spec.max_images + 16, max_part_size=max_body_bytes
-            )
-        except HTTPException as e:  # Starlette's multipart parser reports its limits and errors this way
-            if "Too many files" in str(e.detail):
-                raise bad(
-                    f"too many images: more than {spec.max_images} files in one request (IWAE_MAX_IMAGES)",
-                    413,
-                    "too_many_images",
-                ) from None
-            raise bad(f"invalid multipart body: {e.detail}", 400, "invalid_multipart") from None
-        try:
-            files: list[tuple[str, bytes]] = []
-            for _key, value in form.multi_items():
-                if hasattr(value, "read"):
-                    files.append((value.filename or "upload", await value.read()))
-            if not files and not form:
-                raise bad(
-                    "the multipart body has no complete parts (empty or truncated): upload one or more PNG/JPEG files",
-                    400,
-                    "invalid_multipart",
-                )
-            x = await _maybe_in_thread(sum(len(d) for _, d in files), decode_files, files, spec, resize)
-        finally:
-            await form.close()
+        x = await _read_multipart(request, spec, resize, max_body_bytes)
     else:
-        body: bytes = await request.body()
-        if not body:
-            raise bad(
-                'empty body: send images as JSON {"images": [...]}, a multipart upload of PNG/JPEG files, '
-                "or an .npy array",
-                400,
-                "empty_body",
-            )
-        if kind in JSON_TYPES:
-            x = await _maybe_in_thread(len(body), decode_json, body, spec)
-        elif kind in NPY_TYPES:
-            x = await _maybe_in_thread(len(body), decode_npy, body, spec)
-        else:
-            shown = kind or "none"
-            raise bad(
-                f"unsupported content type {shown!r}: send application/json, multipart/form-data "
-                "(PNG/JPEG files) or application/x-npy",
-                415,
-                "unsupported_media_type",
-            )
+        x = await _read_body(request, kind, spec)
     arr = await _maybe_in_thread(x.size * 8, validate_and_binarize, x, binarize, seed)
     return torch.from_numpy(arr)
+
+
+async def _read_multipart(request: Any, spec: InputSpec, resize: bool, max_body_bytes: int) -> np.ndarray:
+    try:
+        form = await request.form(
+            max_files=spec.max_images, max_fields=spec.max_images + 16, max_part_size=max_body_bytes
+        )
+    except HTTPException as e:  # Starlette's multipart parser reports its limits and errors this way
+        if "Too many files" in str(e.detail):
+            raise PayloadTooLargeError(
+                f"too many images: more than {spec.max_images} files in one request (IWAE_MAX_IMAGES)",
+                ErrorCode.too_many_images,
+            ) from None
+        raise BadRequestError(f"invalid multipart body: {e.detail}", ErrorCode.invalid_multipart) from None
+    try:
+        files: list[tuple[str, bytes]] = []
+        for _key, value in form.multi_items():
+            if hasattr(value, "read"):
+                files.append((value.filename or "upload", await value.read()))
+        if not files and not form:
+            raise BadRequestError(
+                "the multipart body has no complete parts (empty or truncated): upload one or more PNG/JPEG files",
+                ErrorCode.invalid_multipart,
+            )
+        return await _maybe_in_thread(sum(len(d) for _, d in files), decode_files, files, spec, resize)
+    finally:
+        await form.close()
+
+
+async def _read_body(request: Any, kind: str, spec: InputSpec) -> np.ndarray:
+    body: bytes = await request.body()
+    if not body:
+        raise BadRequestError(
+            'empty body: send images as JSON {"images": [...]}, a multipart upload of PNG/JPEG files, or an .npy array',
+            ErrorCode.empty_body,
+        )
+    if kind in JSON_TYPES:
+        return await _maybe_in_thread(len(body), decode_json, body, spec)
+    if kind in NPY_TYPES:
+        return await _maybe_in_thread(len(body), decode_npy, body, spec)
+    raise UnsupportedMediaTypeError(
+        f"unsupported content type {kind or 'none'!r}: send application/json, multipart/form-data "
+        "(PNG/JPEG files) or application/x-npy"
+    )
 
 
 # Below this many bytes decoding takes well under a millisecond: not worth a thread hop.

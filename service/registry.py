@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from models.checkpoint import CheckpointError, from_bytes
+from models.device import resolve_device
 from models.networks import IWAE
+from models.percentiles import LoglikQuantiles
+from service.errors import UnknownModelError
+from service.schemas import ModelInfo
 from service.settings import Settings
 
 log = logging.getLogger("iwae.service")
@@ -21,13 +26,6 @@ CHECKPOINT_SUFFIX = ".safetensors"
 
 class NoModelsError(RuntimeError):
     """Not a single checkpoint could be loaded: the service cannot answer anything."""
-
-
-class UnknownModelError(LookupError):
-    def __init__(self, name: str, available: list[str]) -> None:
-        super().__init__(f"unknown model {name!r}; available models: {', '.join(available)}")
-        self.name = name
-        self.available = available
 
 
 @dataclass
@@ -48,27 +46,28 @@ class LoadedModel:
     def n_parameters(self) -> int:
         return self.model.n_parameters()
 
-    def describe(self, default: bool) -> dict[str, Any]:
+    @functools.cached_property
+    def quantiles(self) -> LoglikQuantiles | None:
+        """Test-set quantiles of per-image L_k from the card; None when absent or malformed (logged)."""
+        try:
+            return LoglikQuantiles.from_card(self.card)
+        except ValueError as e:
+            log.warning("model %s: ignoring the card's test-set quantiles: %s", self.name, e)
+            return None
+
+    def describe(self, default: bool) -> ModelInfo:
         """The card as stored, plus what the service derives from the loaded weights."""
-        return {
-            "name": self.name,
-            "default": default,
-            "file": self.path.name,
-            "device": str(self.device),
-            "n_parameters": self.n_parameters,
-            "x_dim": self.x_dim,
-            "image_shape": list(self.image_shape) if self.image_shape else None,
-            "config": self.model.config.to_dict(),
-            "card": self.card,
-        }
-
-
-def resolve_device(requested: str) -> torch.device:
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise NoModelsError("device=cuda was requested but CUDA is not available (set IWAE_DEVICE=auto or cpu)")
-    return torch.device(requested)
+        return ModelInfo(
+            name=self.name,
+            default=default,
+            file=self.path.name,
+            device=str(self.device),
+            n_parameters=self.n_parameters,
+            x_dim=self.x_dim,
+            image_shape=list(self.image_shape) if self.image_shape else None,
+            config=self.model.config.to_dict(),
+            card=self.card,
+        )
 
 
 def image_shape_for(x_dim: int, card: dict[str, Any]) -> tuple[int, int] | None:
@@ -107,12 +106,14 @@ def _candidate_files(paths: list[Path]) -> list[Path]:
 class ModelRegistry:
     models: dict[str, LoadedModel]
     default: str
-    errors: list[str] = field(default_factory=list)
 
     @classmethod
     def load(cls, settings: Settings) -> ModelRegistry:
         """Load every checkpoint under ``settings.models``; bad files are logged and skipped."""
-        device = resolve_device(settings.device)
+        try:
+            device = resolve_device(settings.device)
+        except ValueError as e:
+            raise NoModelsError(f"IWAE_DEVICE: {e}") from None
         loaded: dict[str, LoadedModel] = {}
         errors: list[str] = []
         for f in _candidate_files(list(settings.models)):
@@ -140,6 +141,7 @@ class ModelRegistry:
                 image_shape=image_shape_for(model.config.x_dim, card),
                 data_mean=data_mean,
             )
+            _ = loaded[name].quantiles  # validated now, so that a malformed entry is reported at startup
             log.info("loaded model %s from %s (%d parameters, %s)", name, f, model.n_parameters(), device)
         if not loaded:
             where = ", ".join(str(p) for p in settings.models)
@@ -151,7 +153,7 @@ class ModelRegistry:
             fallback = sorted(loaded)[0]
             log.warning("default model %r is not loaded; using %r instead", default, fallback)
             default = fallback
-        return cls(models=loaded, default=default, errors=errors)
+        return cls(models=loaded, default=default)
 
     def get(self, name: str | None) -> LoadedModel:
         if name is None:

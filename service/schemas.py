@@ -20,6 +20,11 @@ class ImageLoglik(BaseModel):
     ess: float = Field(description="Effective sample size of the normalised importance weights, in [1, k].")
     elbo: float = Field(description="ELBO (mean log weight) from the same k samples, nats.")
     bits_per_dim: float = Field(description="-loglik / (x_dim · ln 2).")
+    percentile: float | None = Field(
+        None,
+        description="Percent (0-100) of the model's test images whose L_k is lower than this image's, "
+        "interpolated between the card's test-set quantiles at `percentile_k`; null when the card has none.",
+    )
 
 
 class LoglikResponse(BaseModel):
@@ -28,6 +33,11 @@ class LoglikResponse(BaseModel):
     seed: int = Field(description="The seed used (the one sent, or a random one): send it back to get the same answer.")
     binarize: str
     n_images: int
+    percentile_k: int | None = Field(
+        None,
+        description="The k of the test-set quantiles the percentiles compare with: the stored k nearest "
+        "to `k` on a log scale; null when the model's card holds no quantiles.",
+    )
     results: list[ImageLoglik] = Field(description="One entry per image, in request order.")
 
 
@@ -51,6 +61,21 @@ class EncodeResponse(BaseModel):
     n_images: int
     samples: int
     layers: list[LayerEncoding]
+
+
+class ReconstructResponse(BaseModel):
+    model: str
+    seed: int
+    binarize: str
+    n_images: int
+    samples: int
+    image_shape: list[int] | None = Field(description="Height and width to reshape each flat image to, if any.")
+    mean: list[list[float]] = Field(
+        description="p(x | h1) decoded from the posterior mean E_q[h1 | x], per image: [n_images][x_dim]."
+    )
+    draws: list[list[list[float]]] | None = Field(
+        None, description="p(x | h1) decoded from `samples` draws h ~ q(h | x): [n_images][samples][x_dim]."
+    )
 
 
 class SampleResponse(BaseModel):

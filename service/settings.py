@@ -1,7 +1,9 @@
 """Service settings: `IWAE_*` environment variables, overridable by `iwae serve` flags.
 
-Every field is documented in docs/service.md (keep the two in sync). Unknown `IWAE_*` variables are
-ignored because the training side reads some of its own (e.g. `IWAE_DATA_DIR`).
+Each field is the one source of its setting: the flags of `iwae serve` are generated from the fields
+(service/__main__.py), and docs/service.md's settings table is `settings_table()`'s output (a test checks
+both). Unknown `IWAE_*` variables are ignored because the training side reads some of its own (e.g.
+`IWAE_DATA_DIR`).
 """
 
 from __future__ import annotations
@@ -11,45 +13,68 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
+from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 import models as models_pkg
 
 DEFAULT_MODELS_DIR = Path(models_pkg.__file__).parent / "zoo"
 DEFAULT_MODEL = "mnist-iwae-k50-1l"
+ENV_PREFIX = "IWAE_"
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="IWAE_", extra="ignore", validate_default=True)
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", validate_default=True)
 
     models: Annotated[list[Path], NoDecode] = Field(
         default_factory=lambda: [DEFAULT_MODELS_DIR],
-        description="Checkpoint files or folders of `*.safetensors` checkpoints (comma-separated or a JSON list "
-        "in the environment). The model name is the file stem.",
+        description="checkpoint files or folders of `*.safetensors` (comma-separated or a JSON list in the "
+        "environment); a model's name is its file stem",
+        json_schema_extra={"shown_default": "the repository's `models/zoo`", "metavar": "DIR|FILE"},
     )
-    default_model: str = Field(DEFAULT_MODEL, description="Model used when a request names none.")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available, else CPU.")
-    max_k: int = Field(5000, ge=1, description="Largest k accepted by /loglik (and samples by /encode).")
-    max_n: int = Field(1024, ge=1, description="Largest n accepted by /sample.")
-    max_images: int = Field(1000, ge=1, description="Most images in one request.")
+    default_model: str = Field(
+        DEFAULT_MODEL,
+        description="model for requests that name none (falls back to the first loaded, alphabetically)",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="`auto` (CUDA when available), `cpu` or `cuda`")
+    max_k: int = Field(5000, ge=1, description="largest k (and `/encode` samples); raise it for tighter bounds")
+    max_n: int = Field(1024, ge=1, description="largest n for `/sample`")
+    max_images: int = Field(1000, ge=1, description="most images per request")
     max_request_cost: int = Field(
-        500_000, ge=1, description="Most images × k (or images × samples) in one request; bounds its noise memory."
+        500_000, ge=1, description="most images × k per request (bounds its noise memory: k · n · Σd_l floats)"
     )
-    max_body_bytes: int = Field(32 * 2**20, ge=1, description="Largest request body; larger ones get 413.")
-    batch_cost: int = Field(250_000, ge=1, description="Batch budget in images × k summed over the batched requests.")
-    max_batch_requests: int = Field(256, ge=1, description="Most requests merged in one batch (1 turns batching off).")
-    max_wait_ms: float = Field(2.0, ge=0, description="How long a batch waits for more requests after its first.")
-    queue_size: int = Field(512, ge=1, description="Requests waiting per model before new ones get 503.")
-    timeout_s: float = Field(60.0, gt=0, description="Per-request limit on queue wait plus compute (504 after).")
-    retry_after_s: int = Field(1, ge=0, description="Retry-After seconds sent with 503 responses.")
-    threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's choice).")
+    max_body_bytes: int = Field(32 * 2**20, ge=1, description="largest request body; larger ones get 413 unread")
+    batch_cost: int = Field(250_000, ge=1, description="batch budget: images × k summed over the requests in one batch")
+    max_batch_requests: int = Field(256, ge=1, description="most requests in one batch; 1 turns batching off")
+    max_wait_ms: float = Field(
+        2.0,
+        ge=0,
+        description="how long a batch waits for more requests after its first arrived (only while clients are "
+        "concurrent)",
+    )
+    queue_size: int = Field(512, ge=1, description="requests waiting per model; beyond it, 503 at once")
+    timeout_s: float = Field(60.0, gt=0, description="per-request limit on queue wait plus compute (504)")
+    retry_after_s: int = Field(1, ge=0, description="`Retry-After` seconds sent with 503")
+    threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch intra-op threads (set 1 on machines whose cores are busy with other work)",
+        json_schema_extra={"shown_default": "torch's default"},
+    )
     memory_bytes: int = Field(
-        256 * 2**20, ge=2**20, description="Activation memory budget of the L_k engine per batch (sets chunk size)."
+        256 * 2**20,
+        ge=2**20,
+        description="the L_k engine's activation memory per batch (sets its chunk size; on CPUs chunks are also "
+        "capped at the engine's cache-sized default)",
     )
-    host: str = Field("127.0.0.1", description="Address to bind.")
-    port: int = Field(8000, ge=0, le=65535, description="Port to bind.")
-    workers: int = Field(1, ge=1, description="uvicorn worker processes (each loads every model).")
-    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="Log level.")
+    host: str = Field("127.0.0.1", description="address to bind (`0.0.0.0` in containers)")
+    port: int = Field(8000, ge=0, le=65535, description="port")
+    workers: int = Field(
+        1, ge=1, description="uvicorn worker processes; each loads every model and has its own schedulers"
+    )
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
+        "info", description="`critical`, `error`, `warning`, `info` or `debug`"
+    )
 
     @field_validator("models", mode="before")
     @classmethod
@@ -78,7 +103,53 @@ class Settings(BaseSettings):
             if value is None:
                 continue
             if name == "models":
-                env["IWAE_MODELS"] = json.dumps([str(p) for p in value])
+                env[env_name(name)] = json.dumps([str(p) for p in value])
             else:
-                env[f"IWAE_{name.upper()}"] = str(value)
+                env[env_name(name)] = str(value)
         return env
+
+
+# --- one source for the flags and the docs ------------------------------------------------------------------
+def env_name(field: str) -> str:
+    return ENV_PREFIX + field.upper()
+
+
+def flag_name(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def _extra(info: FieldInfo, key: str) -> str | None:
+    extra = info.json_schema_extra
+    value = extra.get(key) if isinstance(extra, dict) else None
+    return str(value) if value is not None else None
+
+
+def metavar(info: FieldInfo) -> str | None:
+    return _extra(info, "metavar")
+
+
+def shown_default(name: str, info: FieldInfo) -> str:
+    """The default as the docs and `--help` show it."""
+    shown = _extra(info, "shown_default")
+    if shown is not None:
+        return shown
+    value = info.get_default(call_default_factory=True)
+    if isinstance(value, str):
+        return f"`{value}`"
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if name.endswith("_bytes") and isinstance(value, int) and value % 2**20 == 0:
+        return f"{value} ({value // 2**20} MiB)"
+    return str(value)
+
+
+def settings_table() -> str:
+    """docs/service.md's settings table, one row per field."""
+    rows = ["| Variable | Flag | Default | Meaning |", "|---|---|---|---|"]
+    for name, info in Settings.model_fields.items():
+        flag = flag_name(name)
+        if metavar(info):
+            flag += f" {metavar(info)} ..."
+        cell = flag.replace("|", "\\|")
+        rows.append(f"| `{env_name(name)}` | `{cell}` | {shown_default(name, info)} | {info.description} |")
+    return "\n".join(rows) + "\n"

@@ -20,10 +20,11 @@ from fastapi import FastAPI
 from models.checkpoint import to_bytes
 from models.config import ModelConfig
 from models.networks import IWAE
-from service.app import ServiceState, create_app
-from service.batching import BatchingEngine
+from service.app import create_app
 from service.registry import ModelRegistry
+from service.scheduler import Scheduler
 from service.settings import Settings
+from service.state import ServiceState
 
 
 def tiny_model(x_dim: int = 784, latent_dims: tuple[int, ...] = (4,), seed: int = 0) -> IWAE:
@@ -57,10 +58,9 @@ class InProcessService:
     def state(self) -> ServiceState:
         return self.app.state.service
 
-    def engine(self, name: str | None = None) -> BatchingEngine:
-        state = self.state
-        assert state.registry is not None
-        return state.engines[name or state.registry.default]
+    def scheduler(self, name: str | None = None) -> Scheduler:
+        """The scheduler of the named model (the default model's when None)."""
+        return self.state.schedulers[name or self.state.models().default]
 
     def metric(self, name: str, labels: dict[str, str] | None = None) -> float:
         """A sample's current value from the app's own Prometheus registry (0 when absent)."""
@@ -70,7 +70,7 @@ class InProcessService:
 
 @asynccontextmanager
 async def serve_in_process(
-    settings: Settings, registry: ModelRegistry | None = None, ready_timeout: float = 30.0
+    settings: Settings, registry: ModelRegistry | None = None, ready_timeout: float = 120.0
 ) -> AsyncIterator[InProcessService]:
     """Run the app's startup (load, warm up), yield an httpx client bound to it, then shut it down."""
     app = create_app(settings, registry=registry)

@@ -163,7 +163,7 @@ async def test_async_client_against_the_app(svc: InProcessService, tmp_path: Pat
 
 
 async def test_async_client_retries_a_full_queue(svc: InProcessService) -> None:
-    engine = svc.engine()
+    engine = svc.scheduler()
     engine.pause()
     blocker = asyncio.create_task(
         svc.client.post("/loglik?k=5&seed=0", json={"images": binary(1).reshape(1, -1).tolist()})
@@ -206,3 +206,59 @@ def test_client_payload_for_lists_and_bytes() -> None:
     assert seen[1].headers["content-type"].startswith("multipart/form-data")
     assert b"\x89PNG fake" in seen[1].content
     assert b'filename="image0.png"' in seen[1].content
+
+
+def _readiness_transport(not_ready_first: int) -> tuple[httpx.MockTransport, list[str]]:
+    """/readyz answers 503 the first ``not_ready_first`` times, then 200; /healthz always 200."""
+    paths: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        paths.append(request.url.path)
+        if request.url.path == "/healthz":
+            return httpx.Response(200, json={"status": "ok"})
+        if paths.count("/readyz") <= not_ready_first:
+            return httpx.Response(503, json={"error": "not_ready", "detail": "warming up"})
+        return httpx.Response(200, json={"status": "ready", "models": ["m"]})
+
+    return httpx.MockTransport(handler), paths
+
+
+def _refusing(request: httpx.Request) -> httpx.Response:
+    raise httpx.ConnectError("connection refused", request=request)
+
+
+def test_sync_wait_ready_polls_with_the_injected_sleep() -> None:
+    transport, paths = _readiness_transport(not_ready_first=2)
+    slept: list[float] = []
+    with IWAEClient("http://svc", transport=transport, sleep=slept.append) as client:
+        assert client.healthy()
+        client.wait_ready(timeout=60, interval=0.25)
+    assert slept == [0.25, 0.25] and paths.count("/readyz") == 3
+    assert not IWAEClient("http://svc", transport=httpx.MockTransport(_refusing)).healthy()
+
+
+async def test_async_client_has_healthy_and_wait_ready() -> None:
+    transport, paths = _readiness_transport(not_ready_first=3)
+    slept: list[float] = []
+
+    async def fake_sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    async with AsyncIWAEClient("http://svc", transport=transport, sleep=fake_sleep) as client:
+        assert await client.healthy()
+        await client.wait_ready(timeout=60, interval=0.5)
+    assert slept == [0.5, 0.5, 0.5] and paths.count("/readyz") == 4
+
+    never, _ = _readiness_transport(not_ready_first=10**9)
+    async with AsyncIWAEClient("http://svc", transport=never, sleep=fake_sleep) as client:
+        with pytest.raises(TimeoutError, match="not ready after 0 s"):
+            await client.wait_ready(timeout=0)
+    async with AsyncIWAEClient("http://svc", transport=httpx.MockTransport(_refusing)) as client:
+        assert not await client.healthy() and not await client.ready()
+
+
+def test_both_clients_have_the_same_methods() -> None:
+    def public(cls: type) -> set[str]:
+        return {n for n in dir(cls) if not n.startswith("_")}
+
+    assert public(AsyncIWAEClient) - {"aclose"} == public(IWAEClient) - {"close"}

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import copy
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -30,6 +30,7 @@ from models.engine import (
 )
 from models.networks import IWAE
 
+TINY_3LAYER = ModelConfig(x_dim=10, latent_dims=(6, 4, 2), hidden_dims=((9,), (7, 7), (5,)))
 ODD_WIDTHS = ModelConfig(x_dim=37, latent_dims=(5, 3), hidden_dims=((11, 9), (6,)))
 
 
@@ -62,10 +63,13 @@ def fresh_kernels(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[Any, Any]]:
 
 
 @pytest.mark.parametrize("layers", [1, 2])
-def test_float32_l5000_agrees_with_reference_within_1e_3_nats(layers: int) -> None:
+def _engine_matches_reference_within_1e_3_nats(layers: int) -> None:
+    """The float32 engine's L_5000 (what evaluation and the service report) agrees with a float64 reference on
+    the same noise to within 1e-3 nats per image, for both paper architectures."""
     model64, x64 = _model_and_data(ModelConfig.paper(layers), batch=3, seed=10 + layers)
     noise64 = _noise(model64, 5000, 3, seed=layers)
-    truth = iwae_bound(reference_log_weights(model64, x64, noise64))
+    reference64 = reference_log_weights(model64, x64, noise64)
+    truth = iwae_bound(reference64)
     model32 = copy.deepcopy(model64).float()
     x32, noise32 = x64.float(), [n.float() for n in noise64]
     engine = engine_log_weights(model32, x32, noise32)
@@ -75,17 +79,29 @@ def test_float32_l5000_agrees_with_reference_within_1e_3_nats(layers: int) -> No
     assert float((iwae_bound(engine) - iwae_bound(plain32)).abs().max()) < 1e-3
     assert float((iwae_bound(engine).double() - truth).abs().max()) < 1e-3
     # The bound is dominated by a few weights; every weight must be right, not just the largest.
-    assert float((engine.double() - reference_log_weights(model64, x64, noise64)).abs().max()) < 5e-3
+    assert float((engine.double() - reference64).abs().max()) < 5e-3
+    # Individual log-weights are hundreds of nats in size; float32 gets them to a few parts per million (the
+    # plain float32 computation does no better: some terms have large magnitudes that cancel).
+    rel = ((engine.double() - reference64).abs() / reference64.abs()).max()
+    assert float(rel) < 2e-5, (layers, float(rel))
 
 
+# The required name contains "1e-3", which is not a Python identifier: register the test under it explicitly
+# (pytest collects module attributes by name; run it with -k or by its node id).
+globals()["test_engine_matches_reference_within_1e-3_nats"] = _engine_matches_reference_within_1e_3_nats
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 7, 100, 2048])
 @pytest.mark.parametrize("config", [ModelConfig.paper(1), ModelConfig.paper(2), ODD_WIDTHS])
-def test_float64_engine_equals_reference_tightly(config: ModelConfig) -> None:
+def test_float64_engine_equals_reference_tightly(config: ModelConfig, chunk_rows: int) -> None:
     model, x = _model_and_data(config, batch=4, seed=3)
     noise = _noise(model, 300, 4, seed=4)
-    engine = engine_log_weights(model, x, noise, chunk_rows=100)
+    engine = engine_log_weights(model, x, noise, chunk_rows=chunk_rows)
     reference = reference_log_weights(model, x, noise)
-    assert engine.dtype == torch.float64
+    assert engine.dtype == torch.float64 and engine.shape == (300, 4)
     assert float((engine - reference).abs().max()) < 1e-9
+    with torch.no_grad():  # and the model's own log w, the training path
+        assert float((engine - model.log_weights(x, 300, noise=noise)).abs().max()) < 1e-9
     if config.x_dim == 784:  # log w is tens to hundreds of nats: the agreement is ~1e-12 relative
         assert float(reference.abs().min()) > 50
 
@@ -96,6 +112,14 @@ def test_engine_is_exact_for_non_binary_pixels() -> None:
     x = torch.rand(2, 784, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
     noise = _noise(model, 50, 2, seed=7)
     assert torch.allclose(engine_log_weights(model, x, noise), reference_log_weights(model, x, noise), atol=1e-9)
+
+
+def test_engine_equals_reference_for_three_layers(make_model: Callable[..., IWAE]) -> None:
+    model = make_model(TINY_3LAYER)
+    x = torch.bernoulli(torch.full((4, 10), 0.5, dtype=torch.float64))
+    noise = model.draw_noise(9, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    engine = engine_log_weights(model, x, noise, chunk_rows=5)
+    assert torch.allclose(engine, reference_log_weights(model, x, noise), rtol=0, atol=1e-12)
 
 
 # --- invariances -----------------------------------------------------------------------------------
@@ -275,6 +299,16 @@ def test_evaluate_batch_is_the_engine_on_freshly_drawn_noise() -> None:
     assert bool((stats.stderr > 0).all())
     with pytest.raises(ValueError, match="k must be"):
         evaluate_batch(model, x, 0)
+
+
+def test_evaluate_batch_does_not_depend_on_memory_budget() -> None:
+    model, x = _model_and_data(ModelConfig.paper(2), batch=3, seed=0)
+    small = evaluate_batch(model, x, 300, generator=torch.Generator().manual_seed(3), memory_bytes=50_000)
+    large = evaluate_batch(model, x, 300, generator=torch.Generator().manual_seed(3))
+    assert rows_for_budget(model, 50_000) < 20 < rows_for_budget(model, 256 * 2**20)
+    for a, b in ((small.loglik, large.loglik), (small.elbo, large.elbo), (small.ess, large.ess)):
+        assert torch.allclose(a, b, rtol=0, atol=1e-9)
+    assert rows_for_budget(model, 1) == 1
 
 
 def test_bad_inputs_get_clear_errors() -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import pytest
@@ -45,6 +44,6 @@ def test_results_table_lists_evaluated_rows_beside_the_paper(tmp_path: Path) -> 
 
     results = tmp_path / "results.md"
     results.write_text("# Results\n\nintro\n<!-- table1:begin -->\nold\n<!-- table1:end -->\n\nafter\n")
-    write_results(argparse.Namespace(out_dir=tmp_path, results=results))
+    write_results(tmp_path, results)
     text = results.read_text()
     assert "intro" in text and "after" in text and "old" not in text and "88.12" in text

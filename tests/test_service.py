@@ -16,7 +16,7 @@ from PIL import Image
 from models.bounds import effective_sample_size, elbo, iwae_bound, iwae_bound_stderr
 from models.checkpoint import from_bytes
 from models.engine import bound_stats, engine_log_weights, reference_log_weights
-from service.batching import draw_request_noise
+from models.noise import request_noise
 from service.settings import Settings
 from service.testing import InProcessService, serve_in_process, tiny_model, write_checkpoint
 
@@ -163,7 +163,7 @@ async def test_encode_matches_model(svc: InProcessService, model_dir: Path) -> N
     xt = torch.tensor(x, dtype=torch.float32)
     with torch.no_grad():
         mean, log_std = model.q[0](xt)
-        lat = model.sample_latents(xt, 3, noise=draw_request_noise(model, 3, 2, 4))
+        lat = model.sample_latents(xt, 3, noise=request_noise(model, 3, 2, 4))
     (layer,) = body["layers"]
     assert layer["layer"] == 1 and layer["dim"] == 4 and layer["exact"] is True
     np.testing.assert_allclose(layer["mean"], mean.numpy(), rtol=1e-6, atol=1e-6)

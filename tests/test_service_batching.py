@@ -33,7 +33,7 @@ def settings(model_dir: Path, **kw: Any) -> Settings:
 
 
 async def wait_depth(svc: InProcessService, depth: int, timeout: float = 10.0) -> None:
-    engine = svc.engine()
+    engine = svc.scheduler()
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while engine.depth < depth:
@@ -49,7 +49,7 @@ def batch_sizes(svc: InProcessService) -> tuple[float, float]:
 
 async def test_concurrent_requests_are_batched_and_match_alone(model_dir: Path) -> None:
     async with serve_in_process(settings(model_dir, max_wait_ms=1)) as svc:
-        engine = svc.engine()
+        engine = svc.scheduler()
         reqs = [(f"/loglik?k=40&seed={100 + i}", {"images": images(1 + i % 3, seed=i)}) for i in range(12)]
         engine.pause()  # hold the worker so that all 12 are queued at once: one batch, deterministically
         tasks = [asyncio.create_task(svc.client.post(url, json=body)) for url, body in reqs]
@@ -79,7 +79,7 @@ async def test_batched_requests_match_the_engine(model_dir: Path) -> None:
     path = model_dir / "tiny.safetensors"
     model, _, _ = from_bytes(path.read_bytes(), source=str(path))
     async with serve_in_process(settings(model_dir)) as svc:
-        engine = svc.engine()
+        engine = svc.scheduler()
         engine.pause()
         xs = [images(2, seed=50 + i) for i in range(5)]
         tasks = [
@@ -97,7 +97,7 @@ async def test_batched_requests_match_the_engine(model_dir: Path) -> None:
 async def test_batches_respect_cost_budget_and_k(model_dir: Path) -> None:
     # Budget 100 (images × k): three k=40 one-image requests cannot share a batch of more than two.
     async with serve_in_process(settings(model_dir, batch_cost=100, max_wait_ms=0)) as svc:
-        engine = svc.engine()
+        engine = svc.scheduler()
         engine.pause()
         urls = ["/loglik?k=40&seed=1", "/loglik?k=40&seed=2", "/loglik?k=40&seed=3", "/loglik?k=10&seed=4"]
         tasks = [asyncio.create_task(svc.client.post(u, json={"images": images(1, 0)})) for u in urls]
@@ -114,7 +114,7 @@ async def test_batches_respect_cost_budget_and_k(model_dir: Path) -> None:
 
 async def test_batching_off_with_one_request_per_batch(model_dir: Path) -> None:
     async with serve_in_process(settings(model_dir, max_batch_requests=1)) as svc:
-        engine = svc.engine()
+        engine = svc.scheduler()
         engine.pause()
         tasks = [
             asyncio.create_task(svc.client.post(f"/loglik?k=5&seed={i}", json={"images": images(1, i)}))
@@ -130,7 +130,7 @@ async def test_batching_off_with_one_request_per_batch(model_dir: Path) -> None:
 
 async def test_queue_full_gives_503_with_retry_after(model_dir: Path) -> None:
     async with serve_in_process(settings(model_dir, queue_size=2, retry_after_s=3)) as svc:
-        engine = svc.engine()
+        engine = svc.scheduler()
         engine.pause()
         tasks = [
             asyncio.create_task(svc.client.post(f"/loglik?k=5&seed={i}", json={"images": images(1, i)}))
@@ -152,7 +152,7 @@ async def test_queue_full_gives_503_with_retry_after(model_dir: Path) -> None:
 
 async def test_timeout_gives_504_and_drops_the_job(model_dir: Path) -> None:
     async with serve_in_process(settings(model_dir, timeout_s=0.2)) as svc:
-        engine = svc.engine()
+        engine = svc.scheduler()
         samples_before = svc.metric("iwae_samples_evaluated_total", {"model": "tiny"})
         engine.pause()
         r = await svc.client.post("/loglik?k=7", json={"images": images(1, 0)})
@@ -169,7 +169,7 @@ async def test_timeout_gives_504_and_drops_the_job(model_dir: Path) -> None:
 
 async def test_client_gone_is_dropped_before_compute(model_dir: Path) -> None:
     async with serve_in_process(settings(model_dir)) as svc:
-        engine = svc.engine()
+        engine = svc.scheduler()
         samples_before = svc.metric("iwae_samples_evaluated_total", {"model": "tiny"})
         body = json.dumps({"images": images(1, 0)}).encode()
         gone = asyncio.Event()
@@ -222,7 +222,7 @@ async def test_a_lone_client_never_waits_for_company(model_dir: Path) -> None:
     import time
 
     async with serve_in_process(settings(model_dir, max_wait_ms=400)) as svc:
-        engine = svc.engine()
+        engine = svc.scheduler()
 
         async def timed() -> float:
             start = time.perf_counter()
@@ -247,7 +247,7 @@ async def test_noise_prefetch_is_bounded_and_changes_nothing(model_dir: Path) ->
     model, _, _ = from_bytes(path.read_bytes(), source=str(path))
     # Prefetch budget = 2 × batch cost = 20000 samples: four of six k=5000 one-image jobs.
     async with serve_in_process(settings(model_dir, batch_cost=10_000)) as svc:
-        engine = svc.engine()
+        engine = svc.scheduler()
         engine.pause()
         xs = [images(1, seed=70 + i) for i in range(6)]
         tasks = [
@@ -261,7 +261,7 @@ async def test_noise_prefetch_is_bounded_and_changes_nothing(model_dir: Path) ->
             assert loop.time() < deadline, "the prefetcher did not draw ahead"
             await asyncio.sleep(0.005)
         await asyncio.sleep(0.05)
-        assert sum(j.noise_drawing is not None for j in list(engine._queue)) == 4  # and no more
+        assert sum(j.preparing is not None for j in list(engine._queue)) == 4  # and no more
         engine.resume()
         for i, (task, x) in enumerate(zip(tasks, xs, strict=True)):
             got = (await task).json()["results"][0]["loglik"]

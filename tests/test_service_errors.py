@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import re
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from service.errors import (
+    BodyTooLargeError,
+    ErrorCode,
+    InvalidInputError,
+    JobTimeoutError,
+    QueueFullError,
+    ServiceError,
+    UnknownModelError,
+)
 from service.settings import Settings
 from service.testing import InProcessService, serve_in_process, tiny_model, write_checkpoint
 
@@ -303,3 +313,44 @@ async def test_server_keeps_serving_during_bad_requests(svc: InProcessService) -
     assert [r.status_code for r in results[:3]] == [422, 400, 400]
     assert [r.status_code for r in results[3:]] == [200] * 4
     assert svc.metric("iwae_requests_total", {"route": "/loglik", "method": "POST", "status": "500"}) == 0
+
+
+def test_error_codes_are_the_documented_ones() -> None:
+    """ErrorCode holds every code the server emits; docs/service.md's error table lists exactly those."""
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "service.md").read_text()
+    section = doc.split("\n## Errors\n", 1)[1].split("\n## ", 1)[0]
+    documented: set[str] = set()
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[0][:1].isdigit():
+            documented.update(re.findall(r"`([a-z_]+)`", cells[1]))
+    assert documented == {c.value for c in ErrorCode}
+
+
+def test_error_classes_carry_their_status_and_code() -> None:
+    assert (UnknownModelError("x", ["a", "b"]).status, UnknownModelError("x", ["a"]).code) == (404, "unknown_model")
+    full = QueueFullError("full", retry_after_s=3)
+    assert (full.status, full.code, full.headers) == (503, "queue_full", {"Retry-After": "3"})
+    assert InvalidInputError("bad").code == ErrorCode.invalid_parameter
+    assert InvalidInputError("bad", ErrorCode.not_binary).code == "not_binary"
+    assert JobTimeoutError(2.5).status == 504 and "IWAE_TIMEOUT_S = 2.5" in JobTimeoutError(2.5).message
+    assert BodyTooLargeError("big").headers == {"Connection": "close"}
+    for cls in (UnknownModelError, QueueFullError, InvalidInputError, JobTimeoutError, BodyTooLargeError):
+        assert issubclass(cls, ServiceError) and cls.default_code in set(ErrorCode)
+
+
+async def test_parameters_are_checked_before_the_model_and_the_body(svc: InProcessService) -> None:
+    # An invalid parameter wins over an unknown model and over a bad body: nothing is looked up or read first.
+    r = await svc.client.post("/loglik?k=0&model=nope", json={"images": ones()})
+    check(r, 422, "invalid_parameter", ["k"])
+    r = await svc.client.post("/loglik?k=0", content=b"not json", headers={"content-type": "application/json"})
+    check(r, 422, "invalid_parameter", ["k"])
+    r = await svc.client.get("/sample?n=0&model=nope")
+    check(r, 422, "invalid_parameter", ["n"])
+    # Every invalid parameter is named, in the order the endpoint lists them.
+    r = await svc.client.post("/loglik?binarize=otsu&k=0&seed=-1", json={"images": ones()})
+    check(r, 422, "invalid_parameter", ["k", "seed", "binarize"])
+    detail = r.json()["detail"]
+    assert detail.index("parameter k") < detail.index("parameter seed") < detail.index("parameter binarize")
+    # Unknown names are reported before invalid values.
+    check(await svc.client.post("/loglik?k=0&K=3", json={"images": ones()}), 422, "unknown_parameter", ["K"])

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,7 @@ from pydantic import ValidationError
 
 from service.__main__ import build_parser, main, settings_from_args
 from service.registry import ModelRegistry, NoModelsError, UnknownModelError
-from service.settings import DEFAULT_MODEL, DEFAULT_MODELS_DIR, Settings
+from service.settings import DEFAULT_MODEL, DEFAULT_MODELS_DIR, Settings, settings_table
 from service.testing import tiny_model, write_checkpoint
 
 
@@ -121,11 +123,64 @@ def test_registry_with_nothing_loadable(tmp_path: Path) -> None:
         ModelRegistry.load(Settings(models=[tmp_path], device="cpu"))
 
 
-def test_docs_list_every_setting() -> None:
+def _doc_settings_rows() -> list[list[str]]:
     doc = (Path(__file__).resolve().parents[1] / "docs" / "service.md").read_text()
-    for name in Settings.model_fields:
-        assert f"`IWAE_{name.upper()}`" in doc, name
-        assert f"`--{name.replace('_', '-')}" in doc, name
+    section = doc.split("\n## Settings\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| `IWAE_")]
+    return [[c.strip() for c in re.split(r"(?<!\\)\|", row.strip().strip("|"))] for row in rows]
+
+
+def test_docs_settings_table_rows_are_the_fields() -> None:
+    rows = _doc_settings_rows()
+    # One row per field, in field order: the variable, the flag and the default.
+    assert [r[0] for r in rows] == [f"`IWAE_{name.upper()}`" for name in Settings.model_fields]
+    for (_, flag, default, meaning), (name, info) in zip(rows, Settings.model_fields.items(), strict=True):
+        assert flag.startswith(f"`--{name.replace('_', '-')}"), flag
+        value = info.get_default(call_default_factory=True)
+        if isinstance(value, bool) or value is None or isinstance(value, list):
+            continue  # shown in words ("torch's default", "the repository's models/zoo")
+        if isinstance(value, str):
+            assert default == f"`{value}`", (name, default)
+        else:
+            assert float(default.split()[0]) == value, (name, default)
+        assert meaning == info.description, name
+    # The whole table is what settings_table() generates from the fields.
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "service.md").read_text()
+    assert settings_table() in doc
+
+
+def test_flags_are_generated_from_the_fields() -> None:
+    parser = build_parser()
+    actions = {a.dest: a for a in parser._actions if a.dest != "help"}
+    assert list(actions) == list(Settings.model_fields)
+    assert actions["device"].choices == ["auto", "cpu", "cuda"]
+    assert actions["log_level"].choices == ["critical", "error", "warning", "info", "debug"]
+    assert (actions["max_wait_ms"].type, actions["threads"].type, actions["models"].nargs) == (float, int, "+")
+    assert all(a.default is None for a in actions.values())  # unset flags leave the environment's value
+    for name, action in actions.items():
+        assert action.option_strings == [f"--{name.replace('_', '-')}"]
+        assert f"IWAE_{name.upper()}" in (action.help or "")
+
+
+def test_readme_links_to_the_settings_table_instead_of_repeating_it() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert "| `IWAE_MAX_K`" not in readme
+    assert "docs/service.md#settings" in readme
+
+
+def test_openapi_operations_are_unchanged(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Paths, parameters (names, bounds, descriptions, defaults) and response statuses as recorded before the
+    service was split into modules (tests/data/openapi_operations.json, default settings)."""
+    from service.app import create_app
+
+    spec = create_app(Settings()).openapi()
+    got = {
+        f"{method.upper()} {path}": {"parameters": op.get("parameters", []), "responses": sorted(op["responses"])}
+        for path, ops in spec["paths"].items()
+        for method, op in ops.items()
+    }
+    want = json.loads((Path(__file__).parent / "data" / "openapi_operations.json").read_text())
+    assert got == want
 
 
 def test_main_runs_uvicorn_with_the_loaded_app(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

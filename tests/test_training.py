@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from iwae_cli import main as cli_main
 from models.checkpoint import CheckpointError
 from models.engine import bound_stats, engine_log_weights
 from models.estimators import ESTIMATORS
 from training import train as train_mod
 from training.checkpoints import load_checkpoint, state_path
-from training.cli import main as cli_main
 from training.datasets import Dataset, binarize, data_dir, load_dataset, subset
 from training.schedule import Schedule, paper_stage_lr
 from training.train import TrainConfig, log_path, train

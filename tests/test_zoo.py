@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from iwae_cli import main as cli_main
 from models.checkpoint import REQUIRED_CARD_KEYS
 from training.checkpoints import load_checkpoint
-from training.cli import main as cli_main
 from training.datasets import data_dir
 
 ZOO = Path(__file__).resolve().parents[1] / "models" / "zoo"

@@ -1,4 +1,4 @@
-"""Datasets, the training loop, evaluation and the `iwae` command line."""
+"""Datasets, the training loop, evaluation, figures and the training subcommands of `iwae` (see iwae_cli/)."""
 
 from importlib.metadata import PackageNotFoundError, version
 

@@ -7,7 +7,6 @@ the checkpoint, ``CKPT.state.safetensors``, so the checkpoint itself stays a cle
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -18,20 +17,13 @@ from safetensors.torch import save as st_save
 
 from models.checkpoint import CheckpointError, from_bytes, to_bytes, with_card
 from models.networks import IWAE
+from training.files import atomic_write_bytes
 
 STATE_FORMAT = "iwae-serve-train-state/1"
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write via a temporary file and rename, so an interrupted write never leaves a half file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def save_checkpoint(path: Path, model: IWAE, card: dict[str, Any], data_mean: torch.Tensor | None) -> None:
-    atomic_write(path, to_bytes(model, card, data_mean))
+    atomic_write_bytes(path, to_bytes(model, card, data_mean))
 
 
 def read_bytes(path: Path) -> bytes:
@@ -45,7 +37,7 @@ def load_checkpoint(path: Path) -> tuple[IWAE, dict[str, Any], torch.Tensor | No
 
 
 def update_card(path: Path, updates: dict[str, Any]) -> None:
-    atomic_write(path, with_card(read_bytes(path), updates, source=str(path)))
+    atomic_write_bytes(path, with_card(read_bytes(path), updates, source=str(path)))
 
 
 def state_path(ckpt: Path) -> Path:
@@ -64,7 +56,7 @@ def save_train_state(
     for name, value in rng.items():
         tensors[f"rng.{name}"] = value.detach().cpu().contiguous()
     metadata = {"format": STATE_FORMAT, "meta": json.dumps(meta), "param_groups": json.dumps(sd["param_groups"])}
-    atomic_write(path, st_save(tensors, metadata=metadata))
+    atomic_write_bytes(path, st_save(tensors, metadata=metadata))
 
 
 def load_train_state(path: Path, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

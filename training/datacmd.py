@@ -23,6 +23,7 @@ from pathlib import Path
 
 from training import datasets as ds
 from training.datasets import DatasetError
+from training.files import atomic_write_bytes
 
 CONNECT_TIMEOUT_S = 10.0
 MNIST_MIRRORS = (
@@ -123,13 +124,6 @@ def download(url: str) -> bytes:
         raise FetchError(f"{url}: {getattr(e, 'reason', e)}") from e
 
 
-def write_atomic(dest: Path, data: bytes) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".part")
-    tmp.write_bytes(data)
-    tmp.replace(dest)
-
-
 def _mnist_verified(folder: Path, stem: str) -> bool:
     path = ds.find_mnist_file(folder, stem)
     if path is None:
@@ -151,7 +145,7 @@ def _check_idx(stem: str, raw: bytes, source: str) -> None:
 def _store_mnist(folder: Path, stem: str, data: bytes, gz: bool) -> None:
     """Write one MNIST file, dropping the other variant so a stale copy cannot shadow it."""
     name = f"{stem}.gz" if gz else stem
-    write_atomic(folder / name, data)
+    atomic_write_bytes(folder / name, data)
     (folder / (stem if gz else f"{stem}.gz")).unlink(missing_ok=True)
 
 
@@ -237,7 +231,7 @@ def fetch_binarized_mnist(folder: Path) -> None:
                 f"{e}\nDownload the .amat files yourself and run `iwae data import binarized-mnist DIR`"
             ) from None
         _check_amat(data, name, n)
-        write_atomic(folder / name, data)
+        atomic_write_bytes(folder / name, data)
 
 
 def _check_amat(data: bytes, source: str, n: int) -> None:
@@ -258,7 +252,7 @@ def fetch_omniglot(folder: Path) -> None:
             f".npz or PNG folders, an approximation: docs/data.md), and run `iwae data import omniglot DIR`"
         ) from None
     part = dest.with_name(dest.name + ".part")
-    write_atomic(part, data)  # loadmat wants a file; it only becomes chardata.mat once it parses
+    atomic_write_bytes(part, data)  # loadmat wants a file; it only becomes chardata.mat once it parses
     try:
         _check_chardata(part)
         part.replace(dest)

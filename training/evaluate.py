@@ -1,4 +1,4 @@
-"""Evaluation over a data set: mean L_k with its standard error, the ELBO, and active units."""
+"""Evaluation over a data set: mean L_k with its standard error and the ELBO (active units: models/posterior.py)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
-from models.engine import bound_stats, engine_log_weights, rows_for_budget
+from models.engine import bound_stats, chunk_rows_for, engine_log_weights
 from models.networks import IWAE
+from models.noise import seeded_generator
 
-ACTIVE_UNIT_THRESHOLD = 1e-2
 DEFAULT_MEMORY_BYTES = 512 * 2**20
 
 
@@ -53,16 +53,19 @@ def evaluate_dataset(
     seed: int = 0,
     memory_bytes: int = DEFAULT_MEMORY_BYTES,
     progress: bool = False,
+    generator: torch.Generator | None = None,
 ) -> EvalResult:
     """L_k of every image of x [N, D] (already binary), in memory-bounded chunks over images and samples.
 
-    Noise is drawn on the CPU from one generator seeded with ``seed``, batch after batch, so a data set
-    that fits in one batch gets exactly the service's answer for the same seed.
+    Noise is drawn on the CPU from one generator seeded with ``seed``, batch after batch: the first batch's
+    noise is ``models.noise.request_noise(model, k, n, seed)``, so a data set that fits in one batch gets
+    exactly the service's answer for the same seed. ``generator`` (CPU) replaces the seeded one: a shard of a
+    sharded evaluation continues the local run's stream (training.distributed).
     """
     device = next(model.parameters()).device
-    gen = torch.Generator().manual_seed(seed)
+    gen = generator if generator is not None else seeded_generator(torch.device("cpu"), seed)
     per_batch = images_per_batch(model, k, memory_bytes)
-    chunk_rows = rows_for_budget(model, memory_bytes // 2)
+    chunk_rows = chunk_rows_for(model, device, memory_bytes // 2)
     lls, mcs, elbos = [], [], []
     start = time.perf_counter()
     with tqdm(total=x.shape[0], unit="img", disable=not progress, desc=f"L_{k}") as bar:
@@ -87,16 +90,3 @@ def evaluate_dataset(
         seconds=time.perf_counter() - start,
         per_image=ll,
     )
-
-
-@torch.no_grad()
-def active_unit_stats(model: IWAE, x: torch.Tensor, seed: int = 0, samples: int = 100) -> list[torch.Tensor]:
-    """A_u = Var_x(E_q[u | x]) for every unit of every stochastic layer: list of [d_l] (float64)."""
-    device = next(model.parameters()).device
-    gen = torch.Generator(device=device).manual_seed(seed)
-    means = model.posterior_means(x.to(device, torch.float32), samples=samples, generator=gen)
-    return [m.double().var(dim=0, unbiased=True).cpu() for m in means]
-
-
-def count_active(a_u: list[torch.Tensor], threshold: float = ACTIVE_UNIT_THRESHOLD) -> list[int]:
-    return [int((a > threshold).sum()) for a in a_u]

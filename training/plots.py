@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from pathlib import Path
@@ -10,7 +11,12 @@ import matplotlib
 
 matplotlib.use("Agg")  # no display on servers and CI
 import matplotlib.pyplot as plt
+import numpy as np
 import torch
+from PIL import Image
+
+from models.posterior import ACTIVE_UNIT_THRESHOLD
+from training.files import atomic_write_bytes
 
 
 def read_log(path: Path) -> list[dict[str, float]]:
@@ -48,7 +54,7 @@ def plot_training_curves(logs: dict[str, list[dict[str, float]]], out: Path) -> 
     plt.close(fig)
 
 
-def plot_active_units(a_u: dict[str, list[torch.Tensor]], out: Path, threshold: float = 1e-2) -> None:
+def plot_active_units(a_u: dict[str, list[torch.Tensor]], out: Path, threshold: float = ACTIVE_UNIT_THRESHOLD) -> None:
     """Histogram of log10 A_u over all units, one series per model, with the threshold marked."""
     fig, ax = plt.subplots(figsize=(7, 4))
     series = {label: torch.cat([a.double() for a in layers]).clamp_min(1e-12).log10() for label, layers in a_u.items()}
@@ -56,7 +62,7 @@ def plot_active_units(a_u: dict[str, list[torch.Tensor]], out: Path, threshold: 
     high = max(max(float(v.max()) for v in series.values()), 0.0) + 0.5
     for label, values in series.items():
         ax.hist(values.numpy(), bins=40, range=(low, high), alpha=0.55, label=label)
-    ax.axvline(math.log10(threshold), color="k", linestyle="--", label="A_u = 1e-2")
+    ax.axvline(math.log10(threshold), color="k", linestyle="--", label=f"A_u = {threshold:g}")
     ax.set(xlabel="log10 A_u", ylabel="units", title="Active units: histogram of log A_u")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -65,17 +71,22 @@ def plot_active_units(a_u: dict[str, list[torch.Tensor]], out: Path, threshold: 
     plt.close(fig)
 
 
-def save_image_grid(probs: torch.Tensor, out: Path, side: int = 28, cols: int = 8) -> None:
-    """Write pixel probabilities [n, side*side] as a grayscale PNG grid (white strokes on black)."""
-    from PIL import Image
-
-    n = probs.shape[0]
+def grid_png(images: np.ndarray, cols: int, border: int = 1, fill: float = 0.0) -> bytes:
+    """[n, h, w] intensities in [0, 1] -> PNG bytes of the images on a grid of ``cols`` columns, each image
+    framed by ``border`` pixels of ``fill``."""
+    n, h, w = images.shape
     rows = math.ceil(n / cols)
-    grid = torch.zeros(rows * (side + 2), cols * (side + 2))
+    ch, cw = h + 2 * border, w + 2 * border
+    canvas = np.full((rows * ch, cols * cw), fill, dtype=np.float32)
     for i in range(n):
         r, c = divmod(i, cols)
-        grid[r * (side + 2) + 1 : r * (side + 2) + 1 + side, c * (side + 2) + 1 : c * (side + 2) + 1 + side] = probs[
-            i
-        ].reshape(side, side)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray((grid.clamp(0, 1) * 255).round().to(torch.uint8).numpy(), mode="L").save(out)
+        canvas[r * ch + border : r * ch + border + h, c * cw + border : c * cw + border + w] = images[i]
+    buf = io.BytesIO()
+    Image.fromarray(np.round(np.clip(canvas, 0, 1) * 255).astype(np.uint8), mode="L").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def save_image_grid(probs: torch.Tensor, out: Path, side: int = 28, cols: int = 8) -> None:
+    """Write pixel probabilities [n, side*side] as a grayscale PNG grid (white strokes on black)."""
+    images = probs.detach().cpu().float().reshape(-1, side, side).numpy()
+    atomic_write_bytes(out, grid_png(images, cols))

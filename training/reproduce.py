@@ -1,7 +1,8 @@
 """`iwae reproduce`: the paper's Table 1 grid and objective-swap experiment under an epoch budget.
 
 Each row trains (resuming an interrupted run), evaluates test L_5000 into its model card, and the table is
-rewritten after every row, so an interrupted reproduction picks up where it stopped.
+rewritten after every row, so an interrupted reproduction picks up where it stopped. Runs are driven through
+the typed configs (``train(TrainConfig)``, ``evaluate_checkpoint(EvalConfig)``), never through argv.
 """
 
 from __future__ import annotations
@@ -10,11 +11,19 @@ import argparse
 import json
 import shlex
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from models.device import DEVICE_CHOICES
 from training.checkpoints import load_checkpoint
+from training.cliargs import add_arguments, arg, from_arguments, positive_int
+from training.config import LAYERS, OBJECTIVES, EvalConfig, TrainConfig
+from training.eval_checkpoint import evaluate_checkpoint
+from training.train import train
 
 # Table 1 of Burda et al. (2016), MNIST with dynamic binarization: NLL in nats (active units).
 PAPER_TABLE1: dict[tuple[str, int, str, int], tuple[float, str]] = {
@@ -57,7 +66,7 @@ class Row:
             raise ValueError(
                 f"bad row name {name!r}: expected DATASET-OBJECTIVE-kK-Ll, e.g. mnist-iwae-k50-1l"
             ) from None
-        if row.name != name or row.objective not in ("vae", "iwae") or row.layers not in (1, 2):
+        if row.name != name or row.objective not in OBJECTIVES or row.layers not in LAYERS:
             raise ValueError(f"bad row name {name!r}: expected DATASET-OBJECTIVE-kK-Ll, e.g. mnist-iwae-k50-1l")
         return row
 
@@ -65,56 +74,89 @@ class Row:
 ALL_ROWS = [Row(dataset, layers, objective, k) for (dataset, layers, objective, k) in PAPER_TABLE1]
 
 
-def _train_argv(row: Row, out: Path, a: argparse.Namespace) -> list[str]:
-    argv = ["train", "--dataset", row.dataset, "--objective", row.objective, "--k", str(row.k)]
-    argv += ["--layers", str(row.layers), "--epochs", str(a.budget), "--seed", str(a.seed), "--out", str(out)]
-    argv += ["--device", a.device, "--resume", "--no-progress"]
-    return argv + _common(a)
+@dataclass(frozen=True)
+class Plan:
+    """How every run of a reproduction is trained and evaluated (the common `iwae reproduce` flags)."""
 
-
-def _common(a: argparse.Namespace) -> list[str]:
-    extra = []
-    if a.threads:
-        extra += ["--threads", str(a.threads)]
-    if a.data_dir:
-        extra += ["--data-dir", str(a.data_dir)]
-    return extra
-
-
-def _eval_argv(ckpt: Path, a: argparse.Namespace) -> list[str]:
-    argv = ["eval", str(ckpt), "--k", "5000", "--split", "test", "--update-card", "--no-progress", "--json"]
-    argv += ["--device", a.device]
-    if a.eval_images:
-        argv += ["--max-images", str(a.eval_images)]
-    return argv + _common(a)
-
-
-def _run(argv: list[str]) -> None:
-    from training.cli import main
-
-    print("$ iwae " + shlex.join(argv), file=sys.stderr, flush=True)
-    code = main(argv)
-    if code != 0:
-        raise RuntimeError(f"`iwae {shlex.join(argv)}` failed with exit code {code}")
-
-
-def _needs_eval(card: dict[str, Any], a: argparse.Namespace) -> bool:
-    test = (card.get("eval") or {}).get("test")
-    want = a.eval_images or 10_000
-    return (
-        not test
-        or test.get("k") != 5000
-        or test.get("n_images") != want
-        or test.get("epochs_at_eval") != card["epochs"]
+    budget: int = field(metadata=arg("epochs per run (compressed paper schedule)", type=positive_int))
+    seed: int = field(default=1, metadata=arg("seed of every run"))
+    device: str = field(default="auto", metadata=arg("torch device", choices=DEVICE_CHOICES))
+    data_root: Path | None = field(
+        default=None, metadata=arg("data directory (default: IWAE_DATA_DIR or a cache dir)", flag="--data-dir")
     )
+    out_dir: Path = field(default=Path("runs/zoo"), metadata=arg("checkpoints and logs"))
+    eval_images: int | None = field(
+        default=None, metadata=arg("evaluate on the first N test images (default: all)", type=positive_int)
+    )
+    max_train_images: int | None = field(
+        default=None, metadata=arg("train on the first N images (smoke runs)", type=positive_int)
+    )
+    val_k: int = field(default=100, metadata=arg("k of the per-epoch validation L_k", type=positive_int))
+    command: str | None = field(default=None, metadata=arg("", cli=False))  # for the model cards
+
+    @classmethod
+    def from_args(cls, a: argparse.Namespace) -> Plan:
+        if a.threads:
+            torch.set_num_threads(a.threads)
+        return from_arguments(cls, a, command="iwae " + shlex.join(getattr(a, "argv", sys.argv[1:])))
+
+    def train(self, out: Path, row: Row, init_from: Path | None = None) -> None:
+        """Train ``out`` (continuing an interrupted or finished run there, else starting from ``init_from``)."""
+        resume = init_from is None or out.exists()
+        print(f"reproduce: training {out.name} ({self.budget} epochs)", file=sys.stderr, flush=True)
+        cfg = TrainConfig(
+            out=out,
+            dataset=row.dataset,
+            objective=row.objective,
+            k=row.k,
+            layers=row.layers,
+            epochs=self.budget,
+            seed=self.seed,
+            device=self.device,
+            init_from=None if resume else init_from,
+            resume=resume,
+            progress=False,
+            data_root=self.data_root,
+            command=self.command,
+            max_train_images=self.max_train_images,
+            val_k=self.val_k,
+        )
+        train(cfg)
+
+    def evaluate(self, ckpt: Path) -> dict[str, Any]:
+        """Test L_5000 of ``ckpt`` into its card, unless the card already has it for the current weights."""
+        _, card, _ = load_checkpoint(ckpt)
+        if not self.needs_eval(card):
+            return card
+        print(f"reproduce: evaluating {ckpt.name} (test L_5000)", file=sys.stderr, flush=True)
+        cfg = EvalConfig(
+            ckpt=ckpt,
+            k=5000,
+            split="test",
+            max_images=self.eval_images,
+            device=self.device,
+            data_root=self.data_root,
+            update_card=True,
+            progress=False,
+        )
+        evaluate_checkpoint(cfg)
+        return load_checkpoint(ckpt)[1]
+
+    def needs_eval(self, card: dict[str, Any]) -> bool:
+        test = (card.get("eval") or {}).get("test")
+        want = self.eval_images or 10_000
+        return (
+            not test
+            or test.get("k") != 5000
+            or test.get("n_images") != want
+            or test.get("epochs_at_eval") != card["epochs"]
+        )
 
 
-def run_row(row: Row, a: argparse.Namespace) -> None:
-    ckpt = a.out_dir / f"{row.name}.safetensors"
-    _run(_train_argv(row, ckpt, a))
-    _, card, _ = load_checkpoint(ckpt)
-    if _needs_eval(card, a):
-        _run(_eval_argv(ckpt, a))
+def run_row(row: Row, plan: Plan) -> None:
+    ckpt = plan.out_dir / f"{row.name}.safetensors"
+    plan.train(ckpt, row)
+    plan.evaluate(ckpt)
 
 
 def _fmt_units(units: list[int]) -> str:
@@ -145,30 +187,43 @@ def table1_markdown(out_dir: Path) -> str:
 
 def _cmd_table1(a: argparse.Namespace) -> int:
     rows = [Row.parse(r) for r in a.rows] if a.rows else ALL_ROWS
-    a.out_dir.mkdir(parents=True, exist_ok=True)
+    plan = Plan.from_args(a)
+    plan.out_dir.mkdir(parents=True, exist_ok=True)
+    if a.ray:
+        return _table1_on_ray(rows, plan, a)
     for row in rows:
-        run_row(row, a)
-        write_results(a)
+        run_row(row, plan)
+        write_results(plan.out_dir, a.results)
     return 0
 
 
-def _swap_one(name: str, base: Path, objective: str, k: int, a: argparse.Namespace) -> dict[str, Any]:
-    out = a.out_dir / f"{name}.safetensors"
-    argv = ["train", "--objective", objective, "--k", str(k), "--epochs", str(a.budget), "--seed", str(a.seed)]
-    argv += ["--init-from", str(base), "--out", str(out), "--device", a.device, "--no-progress"]
-    if out.exists():
-        argv = [x for x in argv if x not in ("--init-from", str(base))] + ["--resume"]
-    _run(argv + _common(a))
-    _, card, _ = load_checkpoint(out)
-    if _needs_eval(card, a):
-        _run(_eval_argv(out, a))
-        _, card, _ = load_checkpoint(out)
+def _table1_on_ray(rows: list[Row], plan: Plan, a: argparse.Namespace) -> int:
+    """Every row a Ray task writing into --out-dir, a folder every node shares; the table is rewritten here."""
+    from training.distributed import connect, run_grid_on_ray
+
+    plan.out_dir = plan.out_dir.resolve()
+    connect(a.ray)
+    run_grid_on_ray(
+        rows,
+        partial(run_row, plan=plan),
+        cpus_per_row=a.threads or 1,
+        gpus_per_row=1 if plan.device == "cuda" else 0,
+        on_done=lambda _row: write_results(plan.out_dir, a.results),
+    )
+    return 0
+
+
+def swap_one(name: str, base: Path, objective: str, k: int, plan: Plan) -> dict[str, Any]:
+    """Fine-tune ``base`` on the other objective for the budget; its test NLL and active units before and after."""
+    out = plan.out_dir / f"{name}.safetensors"
+    plan.train(out, Row("mnist", 1, objective, k), init_from=base)
+    card = plan.evaluate(out)
     _, base_card, _ = load_checkpoint(base)
     before, after = base_card["eval"]["test"], card["eval"]["test"]
     return {
         "base": base.name,
         "fine_tuned": out.name,
-        "epochs": a.budget,
+        "epochs": plan.budget,
         "before": {"nll": -before["loglik"], "active_units": before["active_units"]},
         "after": {"nll": -after["loglik"], "active_units": after["active_units"]},
     }
@@ -179,23 +234,22 @@ def _cmd_swap(a: argparse.Namespace) -> int:
         _, card, _ = load_checkpoint(ckpt)
         if not (card.get("eval") or {}).get("test"):
             raise ValueError(f"{ckpt}: no test evaluation in its card: run `iwae eval {ckpt} --update-card` first")
-    a.out_dir.mkdir(parents=True, exist_ok=True)
+    plan = Plan.from_args(a)
+    plan.out_dir.mkdir(parents=True, exist_ok=True)
     result = {
-        "vae_to_iwae": _swap_one("swap-vae-to-iwae-k50", a.vae, "iwae", 50, a),
-        "iwae_to_vae": _swap_one("swap-iwae-to-vae-k1", a.iwae, "vae", 1, a),
-        "command": "iwae " + shlex.join(sys.argv[1:]),
+        "vae_to_iwae": swap_one("swap-vae-to-iwae-k50", a.vae, "iwae", 50, plan),
+        "iwae_to_vae": swap_one("swap-iwae-to-vae-k1", a.iwae, "vae", 1, plan),
+        "command": plan.command,
     }
-    (a.out_dir / "swap.json").write_text(json.dumps(result, indent=2))
+    (plan.out_dir / "swap.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
     return 0
 
 
 def _cmd_figures(a: argparse.Namespace) -> int:
     """Sample grids of every model in --out-dir, one log A_u histogram over all of them, training curves."""
-    import torch
-
+    from models.posterior import active_unit_variances
     from training.datasets import binarize, load_dataset
-    from training.evaluate import active_unit_stats
     from training.plots import plot_active_units, plot_training_curves, read_log, save_image_grid
 
     figs: Path = a.figures
@@ -213,7 +267,7 @@ def _cmd_figures(a: argparse.Namespace) -> int:
         model, card, _ = load_checkpoint(ckpt)
         name = card["name"]
         save_image_grid(model.sample(64, generator=torch.Generator().manual_seed(0)), figs / f"samples-{name}.png")
-        a_u[name] = active_unit_stats(model, au_x, seed=0)
+        a_u[name] = active_unit_variances(model, au_x, generator=torch.Generator().manual_seed(0))
         for log in (ckpt.with_name(name + ".log.jsonl"), ckpt.parent / "logs" / f"{name}.log.jsonl"):
             if log.exists():
                 logs[name] = read_log(log)
@@ -227,10 +281,9 @@ def _cmd_figures(a: argparse.Namespace) -> int:
     return 0
 
 
-def write_results(a: argparse.Namespace) -> None:
-    """Rewrite the generated table inside docs/results.md between its markers (or print it)."""
-    table = table1_markdown(a.out_dir)
-    target: Path = a.results
+def write_results(out_dir: Path, target: Path) -> None:
+    """Rewrite the generated table inside ``target`` (docs/results.md) between its markers."""
+    table = table1_markdown(out_dir)
     begin, end = "<!-- table1:begin -->", "<!-- table1:end -->"
     block = f"{begin}\n{table}\n{end}"
     if target.exists() and begin in target.read_text():
@@ -247,22 +300,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     rsub = p.add_subparsers(dest="experiment", required=True)
     for name, func in (("table1", _cmd_table1), ("swap", _cmd_swap)):
         q = rsub.add_parser(name)
-        q.add_argument("--budget", type=int, required=True, help="epochs per run (compressed paper schedule)")
-        q.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-        q.add_argument("--seed", type=int, default=1)
-        q.add_argument("--threads", type=int)
-        q.add_argument("--data-dir", type=Path)
-        q.add_argument("--out-dir", type=Path, default=Path("runs/zoo"), help="checkpoints and logs")
-        q.add_argument("--results", type=Path, default=Path("docs/results.md"), help="table to (re)write")
-        q.add_argument("--eval-images", type=int, help="evaluate on the first N test images (default all)")
+        add_arguments(q, Plan)
+        q.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
+        q.add_argument(
+            "--results", type=Path, default=Path("docs/results.md"), help="table to (re)write (default: %(default)s)"
+        )
         q.set_defaults(func=func)
         if name == "table1":
             q.add_argument("--rows", nargs="+", help="rows to run, e.g. mnist-iwae-k50-1l (default: all 12)")
+            q.add_argument("--ray", metavar="ADDRESS", help="run every row as a task on this Ray cluster")
         else:
             q.add_argument("--vae", type=Path, required=True, help="converged VAE k=1 checkpoint")
             q.add_argument("--iwae", type=Path, required=True, help="converged IWAE k=50 checkpoint")
     q = rsub.add_parser("figures", help="sample grids, log A_u histogram and training curves of --out-dir")
-    q.add_argument("--out-dir", type=Path, default=Path("runs/zoo"))
-    q.add_argument("--figures", type=Path, default=Path("docs/figures"))
-    q.add_argument("--data-dir", type=Path)
+    q.add_argument("--out-dir", type=Path, default=Path("runs/zoo"), help="checkpoints (default: %(default)s)")
+    q.add_argument("--figures", type=Path, default=Path("docs/figures"), help="output folder (default: %(default)s)")
+    q.add_argument("--data-dir", type=Path, help="data directory (default: IWAE_DATA_DIR or a cache dir)")
     q.set_defaults(func=_cmd_figures)

@@ -12,6 +12,7 @@ PAPER_BASE_LR = 1e-3
 FINAL_LR = PAPER_BASE_LR * 10.0 ** (-(PAPER_STAGES - 1) / 7.0)
 # constant-decay: the base rate for this fraction of the budget, then a geometric decay to FINAL_LR.
 DECAY_START = 0.5
+# Every schedule name (the `iwae train --schedule` choices come from here). All but ``paper`` need an epoch budget.
 SCHEDULES = ("paper", "compressed", "constant", "cosine", "constant-decay")
 
 

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import platform
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +12,8 @@ import torch
 from tqdm import tqdm
 
 from models.config import ModelConfig
-from models.estimators import ESTIMATORS, get_surrogate
+from models.device import resolve_device
+from models.estimators import get_surrogate
 from models.networks import IWAE
 from training.checkpoints import (
     load_checkpoint,
@@ -24,97 +23,26 @@ from training.checkpoints import (
     save_train_state,
     state_path,
 )
+from training.config import TrainConfig
 from training.datasets import Dataset, binarize, load_dataset
 from training.evaluate import evaluate_dataset
+from training.provenance import hardware, versions
 from training.schedule import Schedule
+from training.step import (
+    ADAM_BETAS,
+    ADAM_EPS,
+    BoundSum,
+    EpochBatches,
+    TrainStep,
+    keep_freed_memory,
+    make_optimizer,
+    restore_fast_adam,
+    use_fused_output,
+)
 
-ADAM_BETAS = (0.9, 0.999)
-ADAM_EPS = 1e-4
 VALID_BINARIZATION_SEED = 1234
-
-
-@dataclass
-class TrainConfig:
-    out: Path
-    dataset: str = "mnist"
-    objective: str = "iwae"
-    k: int = 50
-    layers: int = 1
-    estimator: str | None = None  # defaults to the objective's own estimator
-    epochs: int = 10
-    schedule: str = "compressed"  # paper | compressed | constant
-    lr: float = 1e-3  # only for the constant schedule
-    batch_size: int = 20
-    seed: int = 0
-    device: str = "auto"
-    init_from: Path | None = None
-    resume: bool = False
-    val_k: int = 100
-    checkpoint_minutes: float = 10.0
-    max_train_images: int | None = None
-    progress: bool = True
-    data_root: Path | None = None
-    command: str | None = None  # the command line that started the run, for the model card
-
-    def __post_init__(self) -> None:
-        self.out = Path(self.out)
-        if self.estimator is None:
-            self.estimator = self.objective
-        if self.objective not in ("iwae", "vae"):
-            raise ValueError(f"--objective must be iwae or vae, got {self.objective!r}")
-        if self.estimator not in ESTIMATORS:
-            raise ValueError(f"--estimator must be one of {sorted(ESTIMATORS)}, got {self.estimator!r}")
-        if (self.objective == "vae") != (self.estimator == "vae"):
-            raise ValueError(
-                f"estimator {self.estimator!r} does not estimate the {self.objective!r} objective "
-                "(vae objective: vae estimator; iwae objective: iwae, dreg or stl)"
-            )
-        if self.k < 1 or self.batch_size < 1 or self.val_k < 1:
-            raise ValueError("k, batch size and val-k must be >= 1")
-        if self.schedule == "paper":
-            self.epochs = Schedule.paper().epochs
-        Schedule(self.schedule, self.epochs, self.lr)  # validates name and epochs
-        if self.resume and self.init_from is not None:
-            raise ValueError("--resume and --init-from are exclusive: resume continues the run at --out")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but no CUDA device is available")
-    if name not in ("cpu", "cuda"):
-        raise ValueError(f"--device must be auto, cpu or cuda, got {name!r}")
-    return torch.device(name)
-
-
-def hardware(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} (CUDA)"
-    cpu = platform.processor() or "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {torch.get_num_threads()} torch threads"
-
-
-def versions() -> dict[str, str]:
-    import numpy
-    import safetensors
-
-    from training import __version__
-
-    return {
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "numpy": numpy.__version__,
-        "safetensors": safetensors.__version__,
-        "iwae-serve": __version__,
-    }
+# Steps between progress-bar updates.
+PROGRESS_EVERY = 50
 
 
 def log_path(ckpt: Path) -> Path:
@@ -131,87 +59,108 @@ def train(cfg: TrainConfig, data: Dataset | None = None) -> dict[str, Any]:
     steps_per_epoch = train_x.shape[0] // cfg.batch_size
     if steps_per_epoch < 1:
         raise ValueError(f"batch size {cfg.batch_size} exceeds the {train_x.shape[0]} training images")
-    schedule = Schedule(cfg.schedule, cfg.epochs, cfg.lr)
-    surrogate = get_surrogate(cfg.estimator or cfg.objective)
     dynamic = data.binarization == "dynamic"
     valid_x = binarize(data.valid, torch.Generator().manual_seed(VALID_BINARIZATION_SEED)) if dynamic else data.valid
+    run = _Run(cfg, data, device, Schedule(cfg.schedule, cfg.epochs, cfg.lr))
+    for epoch in range(run.start_epoch, run.schedule.epochs):
+        epoch_start = time.perf_counter()
+        first_step = run.start_step if epoch == run.start_epoch else 0
+        run.train_epoch(epoch, train_x, first_step, steps_per_epoch)
+        run.finish_epoch(epoch, valid_x, epoch_start)
+    run.model.eval()
+    return run.card
 
-    model, card, start_epoch, start_step, wall = _initial_state(cfg, data, schedule)
-    model.to(device).train()
-    opt = torch.optim.Adam(model.parameters(), lr=schedule.lr_at(0.0), betas=ADAM_BETAS, eps=ADAM_EPS)
-    bin_gen = torch.Generator().manual_seed(cfg.seed + 1)
-    sums = {"bound": 0.0, "steps": 0}
-    if cfg.resume and start_epoch + start_step > 0:
-        rng, meta = load_train_state(state_path(cfg.out), opt)
-        torch.set_rng_state(rng["torch"])
-        bin_gen.set_state(rng["binarize"])
-        if device.type == "cuda" and "cuda" in rng:
-            torch.cuda.set_rng_state(rng["cuda"], device)
-        sums = meta["sums"]
 
-    def rng_states() -> dict[str, torch.Tensor]:
-        rng = {"torch": torch.get_rng_state(), "binarize": bin_gen.get_state()}
-        if device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(device)
+class _Run:
+    """The state of one run (model, optimizer, RNGs, running sums) and how to step and checkpoint it."""
+
+    def __init__(self, cfg: TrainConfig, data: Dataset, device: torch.device, schedule: Schedule) -> None:
+        self.cfg, self.data, self.device, self.schedule = cfg, data, device, schedule
+        self.dynamic = data.binarization == "dynamic"
+        self.model, self.card, self.start_epoch, self.start_step, self.wall = _initial_state(cfg, data, schedule)
+        self.model.to(device).train()
+        use_fused_output(self.model)
+        keep_freed_memory()
+        self.opt = make_optimizer(self.model, schedule.lr_at(0.0))
+        self.bin_gen = torch.Generator().manual_seed(cfg.seed + 1)
+        self.sums = BoundSum(device)
+        if cfg.resume and self.start_epoch + self.start_step > 0:
+            rng, meta = load_train_state(state_path(cfg.out), self.opt)
+            restore_fast_adam(self.opt)
+            torch.set_rng_state(rng["torch"])
+            self.bin_gen.set_state(rng["binarize"])
+            if device.type == "cuda" and "cuda" in rng:
+                torch.cuda.set_rng_state(rng["cuda"], device)
+            self.sums = BoundSum(device, meta["sums"])
+        self.step_fn = TrainStep(self.model, self.opt, get_surrogate(cfg.estimator or cfg.objective), cfg.k)
+        self.t0 = self.last_save = time.perf_counter()
+
+    def global_rng(self) -> dict[str, torch.Tensor]:
+        rng = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
         return rng
 
-    def save(epoch: int, step: int, rng: dict[str, torch.Tensor]) -> None:
-        card.update(epochs=epoch, wall_time_s=round(wall + time.perf_counter() - t0, 1), hardware=hardware(device))
-        save_checkpoint(cfg.out, model, card, data.train_mean)
-        meta = {"epoch": epoch, "step": step, "sums": sums, "wall_time_s": card["wall_time_s"]}
-        save_train_state(state_path(cfg.out), opt, rng, meta)
+    def rng_states(self, rng: dict[str, torch.Tensor], batches: EpochBatches, step: int) -> dict[str, torch.Tensor]:
+        """``rng`` and the binarization generator's state, both as they were before ``step``'s draws."""
+        return {**rng, "binarize": batches.generator_state(step) if self.dynamic else self.bin_gen.get_state()}
 
-    t0 = time.perf_counter()
-    last_save = t0
-    for epoch in range(start_epoch, cfg.epochs):
-        epoch_start = time.perf_counter()
+    def save(self, epoch: int, step: int, rng: dict[str, torch.Tensor]) -> None:
+        wall_time_s = round(self.wall + time.perf_counter() - self.t0, 1)
+        self.card.update(epochs=epoch, wall_time_s=wall_time_s, hardware=hardware(self.device))
+        save_checkpoint(self.cfg.out, self.model, self.card, self.data.train_mean)
+        meta = {"epoch": epoch, "step": step, "sums": self.sums.as_dict(), "wall_time_s": wall_time_s}
+        save_train_state(state_path(self.cfg.out), self.opt, rng, meta)
+        self.last_save = time.perf_counter()
+
+    def train_epoch(self, epoch: int, train_x: torch.Tensor, first_step: int, steps_per_epoch: int) -> None:
+        """Steps ``first_step`` .. end of the epoch; on an interrupt, save the state before the current step."""
+        cfg = self.cfg
         perm = torch.randperm(train_x.shape[0], generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
-        steps = range(start_step if epoch == start_epoch else 0, steps_per_epoch)
-        bar = tqdm(steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress, leave=False)
-        step, step_rng = steps.start, rng_states()
+        batches = EpochBatches(train_x, perm, cfg.batch_size, self.bin_gen if self.dynamic else None, self.device)
+        desc = f"epoch {epoch + 1}/{self.schedule.epochs}"
+        bar = tqdm(total=steps_per_epoch, initial=first_step, desc=desc, disable=not cfg.progress, leave=False)
+        step, step_rng, lr = first_step, self.global_rng(), -1.0
         try:
-            for step in bar:
-                # The state before this step's random draws, so an interrupt can resume at this very step.
-                step_rng = rng_states()
-                idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-                xb = train_x[idx]
-                xb = (binarize(xb, bin_gen) if dynamic else xb).to(device)
-                for group in opt.param_groups:
-                    group["lr"] = schedule.lr_at(epoch + step / steps_per_epoch)
-                loss, bound = surrogate(model, xb, cfg.k)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sums["bound"] += float(bound.mean())
-                sums["steps"] += 1
-                if time.perf_counter() - last_save > 60 * cfg.checkpoint_minutes:
-                    save(epoch, step + 1, rng_states())
-                    last_save = time.perf_counter()
+            for step in range(first_step, steps_per_epoch):
+                # The state before this step's noise, so an interrupt can resume at this very step.
+                step_rng = self.global_rng()
+                step_lr = self.schedule.lr_at(epoch + step / steps_per_epoch)
+                if step_lr != lr:  # set only when it changes: a per-step loop over the groups is measurable
+                    lr = step_lr
+                    for group in self.opt.param_groups:
+                        group["lr"] = lr
+                self.sums.add(self.step_fn(batches.batch(step)))
+                if (step + 1) % PROGRESS_EVERY == 0:
+                    bar.update(PROGRESS_EVERY)
+                if time.perf_counter() - self.last_save > 60 * cfg.checkpoint_minutes:
+                    self.save(epoch, step + 1, self.rng_states(self.global_rng(), batches, step + 1))
         except KeyboardInterrupt:
-            save(epoch, step, step_rng)
+            self.save(epoch, step, self.rng_states(step_rng, batches, step))
             raise
         bar.close()
-        model.eval()
-        val = evaluate_dataset(model, valid_x, cfg.val_k, seed=cfg.seed)
-        model.train()
+
+    def finish_epoch(self, epoch: int, valid_x: torch.Tensor, epoch_start: float) -> None:
+        """Validation L_k, one log line, and a checkpoint at the epoch boundary."""
+        cfg = self.cfg
+        self.model.eval()
+        val = evaluate_dataset(self.model, valid_x, cfg.val_k, seed=cfg.seed)
+        self.model.train()
         record = {
             "epoch": epoch + 1,
-            "train_bound": sums["bound"] / max(1, sums["steps"]),
+            "train_bound": self.sums.mean(),
             f"valid_L{cfg.val_k}": val.loglik,
             "valid_k": cfg.val_k,
-            "lr": opt.param_groups[0]["lr"],
+            "lr": self.opt.param_groups[0]["lr"],
             "seconds": round(time.perf_counter() - epoch_start, 2),
         }
-        sums = {"bound": 0.0, "steps": 0}
+        self.sums = BoundSum(self.device)
         with log_path(cfg.out).open("a") as f:
             f.write(json.dumps(record) + "\n")
         if cfg.progress:
             print(json.dumps(record), file=sys.stderr, flush=True)
-        card[f"valid_L{cfg.val_k}"] = val.loglik
-        save(epoch + 1, 0, rng_states())
-        last_save = time.perf_counter()
-    model.eval()
-    return card
+        self.card[f"valid_L{cfg.val_k}"] = val.loglik
+        self.save(epoch + 1, 0, {**self.global_rng(), "binarize": self.bin_gen.get_state()})
 
 
 def _initial_state(cfg: TrainConfig, data: Dataset, schedule: Schedule) -> tuple[IWAE, dict[str, Any], int, int, float]:

@@ -1,0 +1,132 @@
+"""The asynchronous client: the same methods as `IWAEClient`, awaitable."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import httpx
+
+from service.client.calls import DEFAULT_URL, Call, ClientBase, ImagesLike
+from service.client.results import (
+    ActiveUnitsResult,
+    EncodeResult,
+    LoglikResult,
+    SampleResult,
+    active_units_result,
+    encode_result,
+    loglik_result,
+    sample_result,
+)
+
+
+class AsyncIWAEClient(ClientBase):
+    """Asynchronous client with the same methods as `IWAEClient` (awaitable)."""
+
+    def __init__(
+        self,
+        base_url: str = DEFAULT_URL,
+        *,
+        timeout: float = 300.0,
+        max_retries: int = 3,
+        max_retry_wait: float = 30.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        super().__init__(max_retries, max_retry_wait)
+        self._http = httpx.AsyncClient(base_url=base_url, timeout=timeout, transport=transport)
+        self._sleep = sleep
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncIWAEClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def _send(self, call: Call) -> httpx.Response:
+        attempt = 0
+        while True:
+            response = await self._http.request(call.method, call.path, params=call.params, **call.payload)
+            delay = self._retry_delay(response, attempt)
+            if delay is None:
+                return self._check(response)
+            attempt += 1
+            await self._sleep(delay)
+
+    async def loglik(
+        self,
+        images: ImagesLike,
+        k: int = 5000,
+        *,
+        model: str | None = None,
+        seed: int | None = None,
+        binarize: str = "none",
+        resize: bool = False,
+    ) -> LoglikResult:
+        return loglik_result((await self._send(self._loglik_call(images, k, model, seed, binarize, resize))).json())
+
+    async def encode(
+        self,
+        images: ImagesLike,
+        *,
+        samples: int = 0,
+        model: str | None = None,
+        seed: int | None = None,
+        binarize: str = "none",
+        resize: bool = False,
+    ) -> EncodeResult:
+        call = self._encode_call(images, samples, model, seed, binarize, resize)
+        return encode_result((await self._send(call)).json())
+
+    async def sample(self, n: int = 16, *, model: str | None = None, seed: int | None = None) -> SampleResult:
+        return sample_result((await self._send(self._sample_call(n, "json", model, seed))).json())
+
+    async def sample_png(
+        self, n: int = 16, *, model: str | None = None, seed: int | None = None, pixels: str = "probs"
+    ) -> bytes:
+        return (await self._send(self._sample_call(n, "png", model, seed, pixels))).content
+
+    async def active_units(
+        self,
+        images: ImagesLike,
+        *,
+        samples: int | None = None,
+        model: str | None = None,
+        seed: int | None = None,
+        binarize: str = "none",
+        resize: bool = False,
+    ) -> ActiveUnitsResult:
+        call = self._active_units_call(images, samples, model, seed, binarize, resize)
+        return active_units_result((await self._send(call)).json())
+
+    async def models(self) -> list[dict[str, Any]]:
+        return (await self._send(Call("GET", "/models", {}, {}))).json()["models"]
+
+    async def model(self, name: str) -> dict[str, Any]:
+        return (await self._send(Call("GET", f"/models/{name}", {}, {}))).json()
+
+    async def healthy(self) -> bool:
+        try:
+            return (await self._http.get("/healthz")).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    async def ready(self) -> bool:
+        try:
+            return (await self._http.get("/readyz")).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    async def wait_ready(self, timeout: float = 60.0, interval: float = 0.1) -> None:
+        """Wait until /readyz answers 200 (polling every ``interval`` s with the client's ``sleep``);
+        TimeoutError after ``timeout`` s."""
+        deadline = time.monotonic() + timeout
+        while not await self.ready():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"service not ready after {timeout:g} s")
+            await self._sleep(interval)
