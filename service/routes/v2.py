@@ -18,8 +18,8 @@ from fastapi.responses import JSONResponse, Response
 from service import oip
 from service.deps import ModelRequest, service_state
 from service.errors import ServiceError
+from service.fair_jobs import LoglikResult
 from service.inputs import bits_per_dim, validate_and_binarize
-from service.jobs import LoglikJob, LoglikStats
 from service.registry import LoadedModel
 from service.settings import Settings
 from service.state import ServiceState
@@ -68,10 +68,10 @@ def _model_spec(lm: LoadedModel, settings: Settings) -> oip.ModelSpec:
     )
 
 
-async def _run_loglik(request: Request, lm: LoadedModel, x: torch.Tensor, k: int, seed: int) -> LoglikStats:
-    """The same scheduler, batching and noise as POST /loglik."""
-    req = ModelRequest(lm, seed, _state(request), request)
-    return await req.run(LoglikJob.of(x, k, seed))
+async def _run_loglik(request: Request, lm: LoadedModel, x: torch.Tensor, k: int, seed: int) -> LoglikResult:
+    """The same scheduler, engine calls and noise as POST /loglik (the server's IWAE_TIMEOUT_S deadline)."""
+    req = ModelRequest(lm, seed, _state(request), request, None)
+    return await req.loglik(x, k)
 
 
 def add_routes(r: APIRouter, settings: Settings) -> None:
