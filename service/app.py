@@ -53,7 +53,11 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
     app.state.service = state
     app.state.metrics = metrics
     # Outermost last: metrics see every answer, then keys are checked before anything reads the body.
-    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_body_bytes=settings.max_body_bytes,
+        on_reject=lambda: metrics.scheduler.reject("too_large"),
+    )
     keys = load_api_keys(settings.api_keys.get_secret_value() if settings.api_keys else None)
     app.add_middleware(
         ApiKeyMiddleware,
