@@ -83,7 +83,7 @@ class Settings(BaseSettings):
     memory_bytes: int = Field(
         256 * 2**20,
         ge=2**20,
-        description="the L_k engine's activation memory per batch (sets its chunk size; on CPUs chunks are also "
+        description="the L_k engine's activation memory per chunk (sets the chunk size; on CPUs chunks are also "
         "capped at the engine's cache-sized default)",
     )
     host: str = Field("127.0.0.1", description="address to bind (`0.0.0.0` in containers)")
