@@ -2,7 +2,9 @@
 positive data is accepted, negative data refused, every response matches the schema. Bounded examples.
 
 The models and limits are small so that every request the schema allows is cheap; the limits are chosen so
-that images × k never passes IWAE_MAX_REQUEST_COST (a product of two fields no schema can state).
+that images × k never passes IWAE_MAX_REQUEST_COST (a product of two fields no schema can state). /reconstruct's
+product, images × (samples + 1) decoded images at most IWAE_MAX_N, cannot be kept in bounds that way (it
+would need samples < 0): cases over it are skipped, and its 413 is tested in tests/test_web.py.
 """
 
 from __future__ import annotations
@@ -43,7 +45,9 @@ _wait_ready()
 CONFIG = SchemathesisConfig.from_dict(
     {"checks": {"negative_data_rejection": {"expected-statuses": [*NEGATIVE_DATA_REJECTION_EXPECTED_STATUSES, "413"]}}}
 )
-schema = schemathesis.openapi.from_asgi("/openapi.json", APP, config=CONFIG)
+# The Open Inference Protocol routes (/v2) answer in the protocol's own error format and do not declare their
+# error statuses in the OpenAPI schema yet: they are checked by tests/test_oip.py, not here.
+schema = schemathesis.openapi.from_asgi("/openapi.json", APP, config=CONFIG).exclude(path_regex="^/v2")
 
 
 @schema.parametrize()
@@ -52,4 +56,11 @@ def test_every_operation_keeps_its_schema_promises(case: schemathesis.Case) -> N
     # .npy and PNG bodies are binary strings to a schema: random bytes are not arrays or images, so only
     # the JSON body (whose schema is exact) is generated.
     assume(case.media_type in (None, "application/json"))
+    # The plugin ends the app's lifespan after each operation's test and the next request starts it again:
+    # warm up first, so that /readyz (and every computing route) meets a ready app.
+    _wait_ready()
+    samples = str((case.query or {}).get("samples", 0))
+    images = case.body.get("images") if isinstance(case.body, dict) else None
+    if case.operation.path == "/reconstruct" and samples.isdigit() and isinstance(images, list):
+        assume(len(images) * (int(samples) + 1) <= APP.state.service.settings.max_n)
     case.call_and_validate()

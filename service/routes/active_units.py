@@ -32,7 +32,7 @@ def add_routes(r: APIRouter, settings: Settings) -> None:
         "Upper-layer means are averaged over `samples` draws of the layer below.",
     )
     async def active_units(
-        req: ImageComputation, samples: SamplesQuery = UPPER_LAYER_SAMPLES
+        req: ImageComputation, samples: SamplesQuery = min(UPPER_LAYER_SAMPLES, settings.max_k)
     ) -> schemas.ActiveUnitsResponse:
         n = req.n
         if n < 2:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from fastapi import APIRouter, Path, Request
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 
 from service import oip
 from service.deps import ModelRequest, service_state
@@ -134,8 +135,24 @@ def add_routes(r: APIRouter, settings: Settings) -> None:
 
     # Last: any other /v2 path gets the protocol's error body.
     @r.api_route("/v2/{path:path}", methods=["GET", "POST", "PUT", "DELETE"], include_in_schema=False)
-    async def not_found(path: str) -> Response:
+    async def not_found(request: Request, path: str) -> Response:
+        allowed = _allowed_methods(request)
+        if allowed:  # a v2 route, asked with another method
+            return JSONResponse(
+                {"error": f"method {request.method} not allowed on /v2/{path}; allowed: {', '.join(allowed)}"},
+                status_code=405,
+                headers={"Allow": ", ".join(allowed)},
+            )
         return _error(f"no such endpoint /v2/{path}; see docs/service.md for the v2 routes", 404)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """The methods of the documented routes whose path matches the request's (none: no such endpoint)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        if isinstance(route, APIRoute) and route.include_in_schema and route.path_regex.match(request.url.path):
+            methods |= route.methods
+    return sorted(methods)
 
 
 async def _infer(request: Request, name: str, settings: Settings) -> Response:
