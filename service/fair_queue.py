@@ -19,17 +19,19 @@ not depend on the company it kept.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import Future
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 import torch
+from starlette.types import Message
 
 from models.networks import IWAE
 from models.noise import request_noise
@@ -66,6 +68,10 @@ class DeadlineError(SchedulerError, TimeoutError):
 
 class CancelledJobError(SchedulerError):
     reason = "cancelled"
+
+
+class ClientGoneError(CancelledJobError, ConnectionError):
+    reason = "client_gone"
 
 
 class Observer(Protocol):
@@ -369,7 +375,7 @@ class FairScheduler:
                 self._fail(job, error)
         elif pieces[0][0].is_call:
             if done:
-                done[0].future.set_result(result)
+                self._succeed(done[0], result)
         else:
             self._settle(done)
 
@@ -414,25 +420,54 @@ class FairScheduler:
         for job, lo, hi in zip(done, offsets[:-1], offsets[1:], strict=True):
             job.noise, job.terms, job.log_w = None, None, None  # the job outlives the call: free its memory now
             part = table[:, lo:hi]
-            job.future.set_result(LoglikResult(part[0].copy(), part[1].copy(), part[2].copy(), part[3].copy()))
+            self._succeed(job, LoglikResult(part[0].copy(), part[1].copy(), part[2].copy(), part[3].copy()))
+
+    @staticmethod
+    def _succeed(job: FairJob, result: Any) -> None:
+        with contextlib.suppress(InvalidStateError):  # cancelled meanwhile, on another thread
+            job.future.set_result(result)
 
     @staticmethod
     def _fail(job: FairJob, exc: BaseException) -> None:
         job.failed = exc
         job.noise, job.terms, job.log_w = None, None, None
-        if not job.future.done():
+        with contextlib.suppress(InvalidStateError):  # settled meanwhile, on another thread
             job.future.set_exception(exc)
 
     # --- waiting (event loop side) ------------------------------------------------------------------
-    async def wait(self, job: FairJob, timeout: float | None = None) -> Any:
-        """The job's result; after ``timeout`` s the job is cancelled (DeadlineError), and so on task cancellation."""
+    async def wait(
+        self, job: FairJob, timeout: float | None = None, receive: Callable[[], Awaitable[Message]] | None = None
+    ) -> Any:
+        """The job's result. After ``timeout`` s the job is cancelled (DeadlineError); if ``receive`` (the
+        ASGI channel, its body already read) reports a disconnect, it is cancelled (ClientGoneError); so it
+        is when the awaiting task is cancelled. A job cancelled while running stops at its next chunk."""
+        if job.future.done():  # computed inline, or failed at once
+            return job.future.result()
         wrapped = asyncio.wrap_future(job.future)
+        waits: set[asyncio.Future[Any]] = {wrapped}
+        watcher = asyncio.ensure_future(_disconnected(receive)) if receive is not None else None
+        if watcher is not None:
+            waits.add(watcher)
         try:
-            done, _ = await asyncio.wait({wrapped}, timeout=timeout)
+            done, _ = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
             self.cancel(job, "cancelled")
             raise
-        if not done:
-            self.cancel(job, "timeout")
-            raise DeadlineError(f"no result within {timeout:g} s")
-        return wrapped.result()
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+        if wrapped in done:
+            return wrapped.result()
+        # Nobody will read it: retrieve whatever comes so that asyncio does not warn about it.
+        wrapped.add_done_callback(lambda f: f.cancelled() or f.exception())
+        if watcher is not None and watcher in done:
+            self.cancel(job, "client_gone")
+            raise ClientGoneError("client disconnected")
+        self.cancel(job, "timeout")
+        raise DeadlineError(f"no result within {timeout:g} s")
+
+
+async def _disconnected(receive: Callable[[], Awaitable[Message]]) -> None:
+    # Called after the body was read, so the only message left to come is the disconnect.
+    while (await receive()).get("type") != "http.disconnect":
+        pass

@@ -18,6 +18,7 @@ from models.engine import bound_stats, engine_log_weights
 from models.noise import request_noise
 from service.fair_queue import (
     CancelledJobError,
+    ClientGoneError,
     DeadlineError,
     DrainingError,
     FairJob,
@@ -258,5 +259,29 @@ async def test_wait_on_event_loop_for_worker_result() -> None:
         job = sched.submit_loglik(images(3, 0), k=300, seed=1)
         got = await asyncio.wait_for(sched.wait(job, timeout=60), 60)
         assert got.loglik.shape == (3,)
+    finally:
+        sched.stop()
+
+
+async def test_client_disconnect_cancels_a_running_big_job_within_one_chunk() -> None:
+    sched, obs = scheduler(chunk_rows=64)
+    gone = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    obs.on_call = lambda n: loop.call_soon_threadsafe(gone.set) if n == 2 else None
+
+    async def receive() -> dict[str, Any]:
+        await gone.wait()  # the client leaves after the second chunk
+        return {"type": "http.disconnect"}
+
+    try:
+        sched.pause()
+        big = sched.submit_loglik(images(10, 0), k=500, seed=1)
+        sched.resume()
+        with pytest.raises(ClientGoneError):
+            await sched.wait(big, timeout=60, receive=receive)
+        assert await asyncio.to_thread(sched.wait_idle, 10.0)
+        # The disconnect is seen on the event loop while the worker computes: at most one more chunk.
+        assert 2 * 64 <= sched.rows_computed <= 4 * 64 < big.rows
+        assert "client_gone" in obs.reasons
     finally:
         sched.stop()
