@@ -23,18 +23,17 @@ _FLAGS: list[tuple[str, str, type, str]] = [
     ("--host", "host", str, "address to bind (IWAE_HOST; 0.0.0.0 in containers)"),
     ("--port", "port", int, "port to bind (IWAE_PORT)"),
     ("--workers", "workers", int, "uvicorn worker processes, each with every model (IWAE_WORKERS)"),
-    ("--threads", "threads", int, "torch intra-op threads (IWAE_THREADS)"),
+    ("--threads", "threads", int, "torch threads per engine worker (IWAE_THREADS)"),
     ("--max-k", "max_k", int, "largest k for /loglik (IWAE_MAX_K)"),
     ("--max-n", "max_n", int, "largest n for /sample (IWAE_MAX_N)"),
     ("--max-images", "max_images", int, "most images per request (IWAE_MAX_IMAGES)"),
     ("--max-request-cost", "max_request_cost", int, "most images × k per request (IWAE_MAX_REQUEST_COST)"),
     ("--max-body-bytes", "max_body_bytes", int, "largest request body (IWAE_MAX_BODY_BYTES)"),
-    ("--batch-cost", "batch_cost", int, "batch budget in images × k (IWAE_BATCH_COST)"),
-    ("--max-batch-requests", "max_batch_requests", int, "most requests per batch; 1 = no batching"),
-    ("--max-wait-ms", "max_wait_ms", float, "batch collection wait after the first request (IWAE_MAX_WAIT_MS)"),
+    ("--engine-workers", "engine_workers", int, "engine worker threads per model (IWAE_ENGINE_WORKERS)"),
+    ("--drain-s", "drain_s", float, "grace period for finishing work on SIGTERM/SIGINT (IWAE_DRAIN_S)"),
     ("--queue-size", "queue_size", int, "queued requests per model before 503 (IWAE_QUEUE_SIZE)"),
     ("--timeout-s", "timeout_s", float, "per-request time limit, queue plus compute (IWAE_TIMEOUT_S)"),
-    ("--retry-after-s", "retry_after_s", int, "Retry-After seconds sent with 503 (IWAE_RETRY_AFTER_S)"),
+    ("--retry-after-s", "retry_after_s", int, "Retry-After seconds while loading (IWAE_RETRY_AFTER_S)"),
     ("--memory-bytes", "memory_bytes", int, "L_k engine activation memory budget (IWAE_MEMORY_BYTES)"),
 ]
 
@@ -76,13 +75,20 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
-    import uvicorn
+    from service.auth import ApiKeyError, load_api_keys, warn_if_exposed
+    from service.drain import serve
 
+    try:
+        keys = load_api_keys(settings.api_keys.get_secret_value() if settings.api_keys else None)
+    except ApiKeyError as e:
+        print(f"iwae serve: {e}", file=sys.stderr)
+        return 2
+    warn_if_exposed(settings.host, len(keys))
     common = {"host": settings.host, "port": settings.port, "log_level": settings.log_level}
     if settings.workers > 1:
         # Worker processes build their own app from the environment (uvicorn needs an import string).
         os.environ.update(settings.to_env())
-        uvicorn.run("service.app:create_app_from_env", factory=True, workers=settings.workers, **common)
+        serve("service.app:create_app_from_env", drain_s=settings.drain_s, workers=settings.workers, **common)
         return 0
 
     import torch
@@ -99,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", e)
         print(f"iwae serve: {e}", file=sys.stderr)
         return 1
-    uvicorn.run(create_app(settings, registry=registry), **common)
+    # On SIGTERM/SIGINT the server drains (IWAE_DRAIN_S) and this returns: exit status 0.
+    serve(create_app(settings, registry=registry), drain_s=settings.drain_s, **common)
     return 0
 
 

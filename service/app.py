@@ -13,9 +13,10 @@ import json
 import logging
 import math
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import numpy as np
@@ -28,21 +29,23 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import schemas
-from service.batching import (
-    BatchingEngine,
-    ClientGoneError,
-    EngineStoppedError,
-    Job,
-    JobTimeoutError,
-    LoglikStats,
+from models.noise import request_noise as draw_request_noise
+from service import drain, schemas
+from service.auth import ApiKeyMiddleware, load_api_keys
+from service.fair_queue import (
+    CancelledJobError,
+    DeadlineError,
+    DrainingError,
+    FairJob,
+    FairScheduler,
+    LoglikResult,
     QueueFullError,
-    draw_request_noise,
 )
 from service.inputs import Binarize, InputError, InputSpec, bits_per_dim, read_images
 from service.metrics import Metrics, MetricsMiddleware
 from service.registry import LoadedModel, ModelRegistry, UnknownModelError
 from service.settings import Settings
+from service.traffic import Schedulers, request_timeout
 
 log = logging.getLogger("iwae.service")
 
@@ -112,7 +115,7 @@ class ServiceState:
     settings: Settings
     metrics: Metrics
     registry: ModelRegistry | None = None
-    engines: dict[str, BatchingEngine] = field(default_factory=dict)
+    schedulers: Schedulers | None = None
     ready: bool = False
     warm_error: str | None = None
     _warm_task: asyncio.Task[None] | None = None
@@ -124,21 +127,21 @@ class ServiceState:
             # NoModelsError propagates: the server must not start with nothing to serve.
             self.registry = await asyncio.to_thread(ModelRegistry.load, self.settings)
         self.metrics.models_loaded.set(len(self.registry.models))
-        for name, loaded in self.registry.models.items():
-            engine = BatchingEngine(loaded, self.settings, self.metrics)
-            engine.start()
-            self.engines[name] = engine
+        self.schedulers = Schedulers(self.settings, self.metrics.scheduler)
+        self.schedulers.start(self.registry)
+        drain.register(self)
         self._warm_task = asyncio.create_task(self._warm_up())
 
     async def _warm_up(self) -> None:
         # One small evaluation per model: first-call costs (allocator, kernels) are paid before /readyz says yes.
         try:
-            for engine in self.engines.values():
-                x = torch.zeros(1, engine.loaded.x_dim)
-                await engine.wait(engine.submit_loglik(x, 2, 0), timeout=max(self.settings.timeout_s, 120.0))
+            assert self.schedulers is not None and self.registry is not None
+            for name, sched in self.schedulers.by_model.items():
+                x = torch.zeros(2, self.registry.models[name].x_dim)  # 2 rows or more: the compiled kernel
+                await sched.wait(sched.submit_loglik(x, 2, 0), timeout=max(self.settings.timeout_s, 120.0))
             self.ready = True
             self.metrics.ready.set(1)
-            log.info("ready: %s", ", ".join(self.engines))
+            log.info("ready: %s", ", ".join(self.schedulers.by_model))
         except Exception as e:
             self.warm_error = f"{type(e).__name__}: {e}"
             log.exception("warm-up failed")
@@ -148,15 +151,29 @@ class ServiceState:
         self.metrics.ready.set(0)
         if self._warm_task is not None:
             self._warm_task.cancel()
-        await asyncio.gather(*(asyncio.to_thread(e.stop) for e in self.engines.values()))
+        drain.unregister(self)
+        if self.schedulers is not None:
+            await asyncio.to_thread(self.schedulers.stop)
+
+    @property
+    def draining(self) -> bool:
+        return self.schedulers is not None and self.schedulers.draining
+
+    def begin_drain(self) -> None:
+        if self.schedulers is not None:
+            self.schedulers.begin_drain()
+
+    async def drained(self, timeout: float) -> bool:
+        return True if self.schedulers is None else await self.schedulers.drained(timeout)
 
     def loaded(self, name: str | None) -> LoadedModel:
         if self.registry is None:
             raise ServiceError(503, "not_ready", "models are still loading", {"Retry-After": "1"})
         return self.registry.get(name)
 
-    def engine(self, loaded: LoadedModel) -> BatchingEngine:
-        return self.engines[loaded.name]
+    def scheduler(self, loaded: LoadedModel) -> FairScheduler:
+        assert self.schedulers is not None
+        return self.schedulers[loaded.name]
 
 
 # --- error responses --------------------------------------------------------------------------------------
@@ -184,9 +201,7 @@ def _validation_message(exc: RequestValidationError) -> str:
 _STATUS_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "too_large"}
 
 
-def _install_error_handlers(app: FastAPI, settings: Settings) -> None:
-    retry = {"Retry-After": str(settings.retry_after_s)}
-
+def _install_error_handlers(app: FastAPI, settings: Settings, metrics: Metrics) -> None:
     @app.exception_handler(ServiceError)
     async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
         return _error(exc.status, exc.code, exc.message, exc.headers)
@@ -197,6 +212,7 @@ def _install_error_handlers(app: FastAPI, settings: Settings) -> None:
 
     @app.exception_handler(BodyTooLargeError)
     async def _too_large(_: Request, exc: BodyTooLargeError) -> JSONResponse:
+        metrics.scheduler.reject("too_large")
         # The rest of the body is never read: close the connection rather than drain it.
         return _error(413, "body_too_large", exc.message, {"Connection": "close"})
 
@@ -206,23 +222,24 @@ def _install_error_handlers(app: FastAPI, settings: Settings) -> None:
 
     @app.exception_handler(QueueFullError)
     async def _queue_full(_: Request, exc: QueueFullError) -> JSONResponse:
-        return _error(503, "queue_full", f"{exc}; retry after {settings.retry_after_s} s", retry)
+        retry = exc.retry_after_s
+        return _error(503, "queue_full", f"{exc}; retry after {retry} s", {"Retry-After": str(retry)})
 
-    @app.exception_handler(EngineStoppedError)
-    async def _stopping(_: Request, exc: EngineStoppedError) -> JSONResponse:
-        return _error(503, "shutting_down", str(exc), retry)
+    @app.exception_handler(DrainingError)
+    async def _draining(_: Request, exc: DrainingError) -> JSONResponse:
+        return _error(503, "shutting_down", str(exc), {"Retry-After": str(exc.retry_after_s)})
 
-    @app.exception_handler(JobTimeoutError)
-    async def _timeout(_: Request, exc: JobTimeoutError) -> JSONResponse:
+    @app.exception_handler(DeadlineError)
+    async def _timeout(_: Request, exc: DeadlineError) -> JSONResponse:
         return _error(
             504,
             "timeout",
-            f"request timed out: {exc} in queue and compute (IWAE_TIMEOUT_S = {settings.timeout_s:g}); "
-            "send fewer images or a smaller k, or retry later",
+            f"request timed out: {exc} in queue and compute (IWAE_TIMEOUT_S = {settings.timeout_s:g}, or the "
+            "request's timeout_ms); send fewer images or a smaller k, or retry later",
         )
 
-    @app.exception_handler(ClientGoneError)
-    async def _gone(_: Request, exc: ClientGoneError) -> Response:
+    @app.exception_handler(CancelledJobError)
+    async def _gone(_: Request, exc: CancelledJobError) -> Response:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
 
     @app.exception_handler(RequestValidationError)
@@ -246,8 +263,10 @@ _ERROR_TEXT = {
     415: "Unsupported Content-Type.",
     422: "Invalid parameter (k, n, seed, binarize, ...; unknown parameter names too) or invalid images: wrong "
     "shape, NaN/inf, values outside [0, 1], non-binary pixels with binarize=none.",
-    503: "The model's queue is full (retry after the Retry-After header's seconds) or the service is stopping.",
-    504: "The request was not done within IWAE_TIMEOUT_S.",
+    401: "Missing or invalid API key (only when IWAE_API_KEYS is set); the body is not read.",
+    503: "The model's queue is full or the service is draining; Retry-After says when to come back (1-60 s, "
+    "from the queued work and the measured throughput).",
+    504: "The request was not done within IWAE_TIMEOUT_S (or its timeout_ms).",
 }
 
 
@@ -413,11 +432,17 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
     app = FastAPI(title="iwae-serve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.service = state
     app.state.metrics = metrics
+    # Outermost last: metrics see every answer, then keys are checked before anything reads the body.
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    keys = load_api_keys(settings.api_keys.get_secret_value() if settings.api_keys else None)
+    app.add_middleware(
+        ApiKeyMiddleware,
+        keys=keys,
+        metrics_public=settings.metrics_public,
+        on_reject=lambda: metrics.scheduler.reject("unauthorized"),
+    )
     app.add_middleware(MetricsMiddleware, metrics=metrics)
-    _install_error_handlers(app, settings)
-
-    queue_hint = f"{settings.retry_after_s}"
+    _install_error_handlers(app, settings, metrics)
     default_k = min(5000, settings.max_k)
 
     ModelQ = Annotated[str | None, Query(description="Model name (see GET /models); the default model when omitted.")]
@@ -440,6 +465,15 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
     ResizeQ = Annotated[
         bool, Query(description="Resize uploaded PNG/JPEG images of other sizes to the model's image size.")
     ]
+    TimeoutQ = Annotated[
+        float | None,
+        Query(
+            gt=0,
+            allow_inf_nan=False,
+            description=f"Deadline for this request in milliseconds (queue wait plus compute); it can only shorten "
+            f"the server's limit of {settings.timeout_s:g} s. A job past it stops between chunks (504).",
+        ),
+    ]
 
     def spec(lm: LoadedModel) -> InputSpec:
         return InputSpec(lm.x_dim, lm.image_shape, settings.max_images)
@@ -457,8 +491,20 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
                 f"of {settings.max_request_cost} (IWAE_MAX_REQUEST_COST); send fewer images or a smaller {what}",
             )
 
-    async def run(engine: BatchingEngine, job: Job, request: Request) -> Any:
-        return await engine.wait(job, settings.timeout_s, request.receive)
+    def deadline(timeout_ms: float | None) -> tuple[float, float]:
+        """(seconds allowed, the monotonic deadline) for a request with this timeout_ms."""
+        timeout = request_timeout(settings, timeout_ms)
+        return timeout, time.monotonic() + timeout
+
+    async def run(sched: FairScheduler, job: FairJob, request: Request, timeout: float) -> Any:
+        return await sched.wait(job, timeout, request.receive)
+
+    async def run_call(
+        lm: LoadedModel, fn: Callable[[LoadedModel], Any], cost: int, timeout_ms: float | None, request: Request
+    ) -> Any:
+        timeout, until = deadline(timeout_ms)
+        sched = state.scheduler(lm)
+        return await run(sched, sched.submit_call(lambda: fn(lm), cost=cost, deadline=until), request, timeout)
 
     x_hint = "a flat list of x_dim values or an H × W nested list (28 × 28 for MNIST models)"
 
@@ -467,12 +513,13 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
         response_model=schemas.LoglikResponse,
         responses=_errors(400, 404, 413, 415, 422, 503, 504),
         openapi_extra=_image_body(x_hint),
-        dependencies=[Depends(_only_params("k", "model", "seed", "binarize", "resize"))],
+        dependencies=[Depends(_only_params("k", "model", "seed", "binarize", "resize", "timeout_ms"))],
         summary="L_k log-likelihood estimate per image",
         description="The k-sample importance weighted bound L_k on log p(x) (nats) per image, its Monte Carlo "
         "standard error, the ESS of the normalised weights, the ELBO and bits/dim, from k samples of q(h|x) "
-        "drawn with the seed. Concurrent requests are batched; each gets exactly the answer it would get alone. "
-        f"503 responses carry Retry-After ({queue_hint} s).",
+        "drawn with the seed. Concurrent requests share engine calls; each gets the answer it would get alone. "
+        "Jobs are computed in chunks interleaved with other requests, so small requests are not held up by big "
+        "ones; 503 responses carry Retry-After.",
     )
     async def loglik(
         request: Request,
@@ -483,13 +530,15 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
         seed: SeedQ = None,
         binarize: BinarizeQ = Binarize.none,
         resize: ResizeQ = False,
+        timeout_ms: TimeoutQ = None,
     ) -> Response:
         lm = state.loaded(model)
         seed = pick_seed(seed)
         x = await read_images(request, spec(lm), binarize, seed, resize, settings.max_body_bytes)
         check_cost(int(x.shape[0]), k, "k")
-        engine = state.engine(lm)
-        stats: LoglikStats = await run(engine, engine.submit_loglik(x, k, seed), request)
+        sched = state.scheduler(lm)
+        timeout, until = deadline(timeout_ms)
+        stats: LoglikResult = await run(sched, sched.submit_loglik(x, k, seed, deadline=until), request, timeout)
         results = [
             {
                 "loglik": float(ll),
@@ -516,7 +565,7 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
         response_model=schemas.EncodeResponse,
         responses=_errors(400, 404, 413, 415, 422, 503, 504),
         openapi_extra=_image_body(x_hint),
-        dependencies=[Depends(_only_params("samples", "model", "seed", "binarize", "resize"))],
+        dependencies=[Depends(_only_params("samples", "model", "seed", "binarize", "resize", "timeout_ms"))],
         summary="Posterior q(h|x) per stochastic layer",
         description="Per stochastic layer: the posterior mean and standard deviation of each image's latent "
         "code (exact for layer 1; Monte Carlo moments over 100 draws for upper layers), and `samples` draws "
@@ -531,14 +580,14 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
         seed: SeedQ = None,
         binarize: BinarizeQ = Binarize.none,
         resize: ResizeQ = False,
+        timeout_ms: TimeoutQ = None,
     ) -> Response:
         lm = state.loaded(model)
         seed = pick_seed(seed)
         x = await read_images(request, spec(lm), binarize, seed, resize, settings.max_body_bytes)
         n = int(x.shape[0])
         check_cost(n, max(samples, 1), "samples")
-        engine = state.engine(lm)
-        layers = await run(engine, engine.submit_call(_encode_job(x, samples, seed), cost=n * max(samples, 1)), request)
+        layers = await run_call(lm, _encode_job(x, samples, seed), n * max(samples, 1), timeout_ms, request)
         return _json(
             {
                 "model": lm.name,
@@ -557,7 +606,7 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
             200: {"content": {"image/png": {}}, "description": "JSON samples, or a PNG grid with format=png."},
             **_errors(404, 422, 503, 504),
         },
-        dependencies=[Depends(_only_params("n", "format", "pixels", "seed", "model"))],
+        dependencies=[Depends(_only_params("n", "format", "pixels", "seed", "model", "timeout_ms"))],
         summary="Draw samples from the generative model",
         description="n ancestral samples x ~ p(x, h). format=json returns each sample's pixel probabilities and "
         "one binary draw; format=png returns the probabilities (or, with pixels=binary, the draws) as a grid.",
@@ -571,6 +620,7 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
         ] = "probs",
         seed: SeedQ = None,
         model: ModelQ = None,
+        timeout_ms: TimeoutQ = None,
     ) -> Response:
         lm = state.loaded(model)
         if format == "png" and lm.image_shape is None:
@@ -578,8 +628,7 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
                 422, "not_an_image_model", f"model {lm.name!r} has no image shape (x_dim {lm.x_dim}); use format=json"
             )
         seed = pick_seed(seed)
-        engine = state.engine(lm)
-        probs, binary = await run(engine, engine.submit_call(_sample_job(n, seed), cost=n), request)
+        probs, binary = await run_call(lm, _sample_job(n, seed), n, timeout_ms, request)
         if format == "png":
             assert lm.image_shape is not None
             shown = probs if pixels == "probs" else binary.astype(np.float64)
@@ -602,7 +651,7 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
         response_model=schemas.ActiveUnitsResponse,
         responses=_errors(400, 404, 413, 415, 422, 503, 504),
         openapi_extra=_image_body(x_hint),
-        dependencies=[Depends(_only_params("samples", "model", "seed", "binarize", "resize"))],
+        dependencies=[Depends(_only_params("samples", "model", "seed", "binarize", "resize", "timeout_ms"))],
         summary="Active units over the posted images",
         description="A_u = variance across the posted images (at least 2) of the posterior mean E_q[u|x], per "
         f"unit of each stochastic layer, and the count above {ACTIVE_UNIT_THRESHOLD:g} (Burda et al., section 5.2). "
@@ -618,6 +667,7 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
         seed: SeedQ = None,
         binarize: BinarizeQ = Binarize.none,
         resize: ResizeQ = False,
+        timeout_ms: TimeoutQ = None,
     ) -> Response:
         lm = state.loaded(model)
         seed = pick_seed(seed)
@@ -629,10 +679,7 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
             )
         per_image = samples if lm.model.config.n_layers > 1 else 1
         check_cost(n, per_image, "samples")
-        engine = state.engine(lm)
-        variances = await run(
-            engine, engine.submit_call(_active_units_job(x, samples, seed), cost=n * per_image), request
-        )
+        variances = await run_call(lm, _active_units_job(x, samples, seed), n * per_image, timeout_ms, request)
         layers = []
         for i, a in enumerate(variances):
             active = np.flatnonzero(a > ACTIVE_UNIT_THRESHOLD)
@@ -695,6 +742,12 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
         summary="Readiness: every model loaded and warmed up",
     )
     async def readyz() -> Response:
+        if state.draining:
+            return JSONResponse(
+                {"error": "draining", "detail": "the service is draining before it stops: send work elsewhere"},
+                status_code=503,
+                headers={"Retry-After": str(settings.retry_after_s)},
+            )
         if state.ready and state.registry is not None:
             return _json({"status": "ready", "models": state.registry.names()})
         why = f"warm-up failed: {state.warm_error}" if state.warm_error else "models are loading or warming up"

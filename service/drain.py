@@ -17,14 +17,18 @@ import signal
 import threading
 import time
 from types import FrameType
-from typing import Protocol
+from typing import Any, Protocol
 
 import uvicorn
+from uvicorn.supervisors import multiprocess
 
 log = logging.getLogger("iwae.service")
 
 # Time left for uvicorn's own shutdown (sending the last responses) when the jobs are done.
 SHUTDOWN_MARGIN_S = 5.0
+# After the work is done, go on answering 503 this long before closing the port: a client whose job just
+# finished and that sends its next request at once gets a 503 with Retry-After, not a refused connection.
+LINGER_S = 1.0
 
 
 class Drainable(Protocol):
@@ -107,10 +111,37 @@ class DrainingServer(uvicorn.Server):
         except Exception:  # a failing drain must still end in a shutdown
             log.exception("drain failed")
             finished = False
-        left = self.drain_s - (time.monotonic() - start)
         if finished:
             log.info("drained in %.1f s", time.monotonic() - start)
+            await asyncio.sleep(max(0.0, min(LINGER_S, self.drain_s - (time.monotonic() - start))))
         else:
             log.warning("drain grace of %g s is over: remaining jobs are cancelled", self.drain_s)
+        left = self.drain_s - (time.monotonic() - start)
         self.config.timeout_graceful_shutdown = max(1.0, min(SHUTDOWN_MARGIN_S, left))
         self.should_exit = True
+
+
+class DrainingProcess(multiprocess.Process):
+    """A uvicorn worker process whose server drains (for `IWAE_WORKERS` > 1; it reads IWAE_DRAIN_S)."""
+
+    @property
+    def server(self) -> uvicorn.Server:
+        if self._server is None:
+            from service.settings import Settings
+
+            self._server = DrainingServer(self.config, Settings().drain_s)
+        return self._server
+
+
+def serve(app: Any, host: str, port: int, log_level: str, drain_s: float, workers: int = 1) -> None:
+    """Run uvicorn with draining servers. ``workers`` > 1 needs ``app`` as a factory import string; the
+    supervisor passes SIGTERM on to every worker, which drains and exits 0, and then exits itself."""
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, workers=workers, factory=workers > 1)
+    if workers > 1:
+        multiprocess.Process = DrainingProcess  # type: ignore[misc]  # the supervisor makes its workers by this name
+        multiprocess.Multiprocess(config, sockets=[config.bind_socket()]).run()
+        return
+    server = DrainingServer(config, drain_s)
+    server.run()
+    if not server.started:
+        raise SystemExit(3)  # uvicorn's "startup failed" status

@@ -52,6 +52,7 @@ class SchedulerError(RuntimeError):
     """Base of the scheduler's refusals and job failures; ``reason`` is a short metric label."""
 
     reason = "error"
+    retry_after_s = 1  # for refusals: when to come back, from the queued cost and the measured throughput
 
 
 class QueueFullError(SchedulerError):
@@ -228,8 +229,12 @@ class FairScheduler:
 
     def retry_after(self) -> int:
         """Seconds until the queued work is likely done, from the measured throughput, within 1..60."""
+        with self._cond:
+            return self._retry_after()
+
+    def _retry_after(self) -> int:
         low, high = RETRY_AFTER_BOUNDS
-        return int(min(high, max(low, math.ceil(self.queued_cost / max(self._rows_per_s, 1.0)))))
+        return int(min(high, max(low, math.ceil(self._queued_cost() / max(self._rows_per_s, 1.0)))))
 
     # --- submission ---------------------------------------------------------------------------------
     def submit_loglik(self, x: torch.Tensor, k: int, seed: int, deadline: float = math.inf) -> FairJob:
@@ -243,12 +248,15 @@ class FairScheduler:
 
     def _submit(self, job: FairJob) -> FairJob:
         with self._cond:
+            refusal: SchedulerError | None = None
             if not self._accepting:
-                self.observer.rejected(DrainingError.reason)
-                raise DrainingError("the service is draining: it finishes queued work and accepts no more")
-            if len(self._jobs) >= self.queue_size:
-                self.observer.rejected(QueueFullError.reason)
-                raise QueueFullError(f"model {self.name!r} has {len(self._jobs)} requests queued (the limit)")
+                refusal = DrainingError("the service is draining: it finishes the work in hand and takes no more")
+            elif len(self._jobs) >= self.queue_size:
+                refusal = QueueFullError(f"model {self.name!r} has {len(self._jobs)} requests queued (the limit)")
+            if refusal is not None:
+                refusal.retry_after_s = self._retry_after()
+                self.observer.rejected(refusal.reason)
+                raise refusal
             inline = (
                 not self._jobs
                 and not self._busy

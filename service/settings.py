@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 import models as models_pkg
@@ -36,13 +36,39 @@ class Settings(BaseSettings):
         500_000, ge=1, description="Most images × k (or images × samples) in one request; bounds its noise memory."
     )
     max_body_bytes: int = Field(32 * 2**20, ge=1, description="Largest request body; larger ones get 413.")
-    batch_cost: int = Field(250_000, ge=1, description="Batch budget in images × k summed over the batched requests.")
-    max_batch_requests: int = Field(256, ge=1, description="Most requests merged in one batch (1 turns batching off).")
-    max_wait_ms: float = Field(2.0, ge=0, description="How long a batch waits for more requests after its first.")
     queue_size: int = Field(512, ge=1, description="Requests waiting per model before new ones get 503.")
-    timeout_s: float = Field(60.0, gt=0, description="Per-request limit on queue wait plus compute (504 after).")
-    retry_after_s: int = Field(1, ge=0, description="Retry-After seconds sent with 503 responses.")
-    threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's choice).")
+    timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="Per-request limit on queue wait plus compute (504 after); a request's `timeout_ms` may "
+        "only shorten it.",
+    )
+    retry_after_s: int = Field(
+        1, ge=0, description="Retry-After seconds while models load; a full queue or a drain computes its own."
+    )
+    threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch threads per engine worker (default: 1 on CPUs when there are several workers).",
+    )
+    engine_workers: int | None = Field(
+        None,
+        ge=1,
+        description="Engine worker threads per model (default: one per usable CPU core divided by IWAE_THREADS; "
+        "1 on a GPU). On a machine shared with other jobs, lower it to leave cores free.",
+    )
+    drain_s: float = Field(
+        30.0,
+        ge=0,
+        description="Grace period on SIGTERM/SIGINT: queued and running jobs finish within it (new ones get "
+        "503), then the process exits 0.",
+    )
+    api_keys: SecretStr | None = Field(
+        None,
+        description="API keys: comma-separated, or the path of a file with one key per line. When set, every "
+        "endpoint but /healthz and /readyz needs `Authorization: Bearer <key>`.",
+    )
+    metrics_public: bool = Field(False, description="Serve /metrics without an API key even when IWAE_API_KEYS is set.")
     memory_bytes: int = Field(
         256 * 2**20, ge=2**20, description="Activation memory budget of the L_k engine per batch (sets chunk size)."
     )
@@ -79,6 +105,8 @@ class Settings(BaseSettings):
                 continue
             if name == "models":
                 env["IWAE_MODELS"] = json.dumps([str(p) for p in value])
+            elif name == "api_keys":
+                env["IWAE_API_KEYS"] = self.api_keys.get_secret_value()  # type: ignore[union-attr]
             else:
                 env[f"IWAE_{name.upper()}"] = str(value)
         return env

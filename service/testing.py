@@ -21,7 +21,7 @@ from models.checkpoint import to_bytes
 from models.config import ModelConfig
 from models.networks import IWAE
 from service.app import ServiceState, create_app
-from service.batching import BatchingEngine
+from service.fair_queue import FairScheduler
 from service.registry import ModelRegistry
 from service.settings import Settings
 
@@ -57,10 +57,10 @@ class InProcessService:
     def state(self) -> ServiceState:
         return self.app.state.service
 
-    def engine(self, name: str | None = None) -> BatchingEngine:
+    def scheduler(self, name: str | None = None) -> FairScheduler:
         state = self.state
-        assert state.registry is not None
-        return state.engines[name or state.registry.default]
+        assert state.registry is not None and state.schedulers is not None
+        return state.schedulers[name or state.registry.default]
 
     def metric(self, name: str, labels: dict[str, str] | None = None) -> float:
         """A sample's current value from the app's own Prometheus registry (0 when absent)."""
