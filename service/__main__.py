@@ -55,6 +55,18 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, _field, typ, text in _FLAGS:
         p.add_argument(flag, type=typ, help=text)
     p.add_argument(
+        "--api-keys",
+        metavar="KEYS|FILE",
+        help="require `Authorization: Bearer <key>`: comma-separated keys or a file of keys (IWAE_API_KEYS; "
+        "prefer the variable or a file: flags show in process listings)",
+    )
+    p.add_argument(
+        "--metrics-public",
+        action="store_true",
+        default=None,
+        help="serve /metrics without a key even with API keys set (IWAE_METRICS_PUBLIC)",
+    )
+    p.add_argument(
         "--log-level", choices=["critical", "error", "warning", "info", "debug"], help="log level (IWAE_LOG_LEVEL)"
     )
     return p
