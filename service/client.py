@@ -6,7 +6,8 @@
         r.loglik, r.stderr                     # NumPy arrays, one entry per image
 
 Images go as an .npy body (exact and compact); file paths or bytes go as a multipart PNG/JPEG upload.
-Errors come back as `IWAEError` subclasses carrying the server's message. A 503 (queue full) is retried
+Servers with API keys need ``api_key="..."`` (sent as `Authorization: Bearer`). Errors come back as
+`IWAEError` subclasses carrying the server's message. A 503 (queue full, draining) is retried
 after the server's Retry-After, up to ``max_retries`` times.
 """
 
@@ -42,6 +43,10 @@ class BadRequestError(IWAEError):
     """400: malformed body (invalid JSON, undecodable image or .npy, empty body)."""
 
 
+class UnauthorizedError(IWAEError):
+    """401: the server requires an API key (``api_key=``) and none or a wrong one was sent."""
+
+
 class NotFoundError(IWAEError):
     """404: unknown model or endpoint."""
 
@@ -72,6 +77,7 @@ class ServerError(IWAEError):
 
 _BY_STATUS: dict[int, type[IWAEError]] = {
     400: BadRequestError,
+    401: UnauthorizedError,
     404: NotFoundError,
     413: PayloadTooLargeError,
     415: UnsupportedMediaTypeError,
@@ -257,6 +263,11 @@ class _Call:
     payload: dict[str, Any]
 
 
+def _auth(api_key: str | None) -> dict[str, str]:
+    """The Authorization header for ``api_key`` (servers with IWAE_API_KEYS set require one)."""
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
 class _Base:
     def __init__(self, max_retries: int, max_retry_wait: float) -> None:
         self.max_retries = max_retries
@@ -326,9 +337,10 @@ class IWAEClient(_Base):
         max_retry_wait: float = 30.0,
         transport: httpx.BaseTransport | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        api_key: str | None = None,
     ) -> None:
         super().__init__(max_retries, max_retry_wait)
-        self._http = httpx.Client(base_url=base_url, timeout=timeout, transport=transport)
+        self._http = httpx.Client(base_url=base_url, timeout=timeout, transport=transport, headers=_auth(api_key))
         self._sleep = sleep
 
     def close(self) -> None:
@@ -434,9 +446,11 @@ class AsyncIWAEClient(_Base):
         max_retry_wait: float = 30.0,
         transport: httpx.AsyncBaseTransport | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        api_key: str | None = None,
     ) -> None:
         super().__init__(max_retries, max_retry_wait)
-        self._http = httpx.AsyncClient(base_url=base_url, timeout=timeout, transport=transport)
+        headers = _auth(api_key)
+        self._http = httpx.AsyncClient(base_url=base_url, timeout=timeout, transport=transport, headers=headers)
         self._sleep = sleep
 
     async def aclose(self) -> None:
