@@ -92,3 +92,12 @@ def test_dockerfile_is_cpu_by_default_with_cuda_base_argument() -> None:
     assert len(health) == 1 and "/readyz" in health[0]
     copied = {rest.split()[0] for word, rest in instr if word == "COPY"}
     assert {"models", "service", "pyproject.toml"} <= copied
+
+
+def test_stop_signal_and_grace_period_agree_with_the_drain() -> None:
+    svc = compose_service()
+    assert svc["stop_signal"] == "SIGTERM"
+    grace = svc["stop_grace_period"]
+    assert grace.endswith("s") and int(grace[:-1]) >= Settings().drain_s + 10  # drain, then shutdown
+    assert re.fullmatch(r"\$\{IWAE_DRAIN_S:-(\d+)\}", svc["environment"]["IWAE_DRAIN_S"])
+    assert ("STOPSIGNAL", "SIGTERM") in dockerfile_instructions()
