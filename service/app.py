@@ -43,6 +43,7 @@ from service.fair_queue import (
 )
 from service.inputs import Binarize, InputError, InputSpec, bits_per_dim, read_images
 from service.metrics import Metrics, MetricsMiddleware
+from service.openapi_truth import refine as refine_openapi
 from service.registry import LoadedModel, ModelRegistry, UnknownModelError
 from service.settings import Settings
 from service.traffic import Schedulers, request_timeout
@@ -759,6 +760,15 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
     async def prometheus_metrics() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    def openapi() -> dict[str, Any]:
+        # The loaded models' names and image shapes make the schema exact: refined once they are known.
+        schema = FastAPI.openapi(app)
+        if state.registry is not None and not schema.get("x-refined"):
+            refine_openapi(schema, state.registry, settings)
+            schema["x-refined"] = True
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
 
 

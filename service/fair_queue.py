@@ -41,7 +41,7 @@ log = logging.getLogger("iwae.service")
 
 # The oldest job's guaranteed share of each engine call (the aging guard against starvation).
 OLDEST_SHARE = 4
-# A job of at most this many rows is computed on the caller's thread when nothing else is running.
+# A job of at most this many rows (or call cost) is computed on the caller's thread when nothing else runs.
 INLINE_MAX_ROWS = 512
 # Retry-After bounds (seconds) and the throughput assumed before anything was measured (rows/s).
 RETRY_AFTER_BOUNDS = (1, 60)
@@ -257,13 +257,7 @@ class FairScheduler:
                 refusal.retry_after_s = self._retry_after()
                 self.observer.rejected(refusal.reason)
                 raise refusal
-            inline = (
-                not self._jobs
-                and not self._busy
-                and not job.is_call
-                and job.rows <= INLINE_MAX_ROWS
-                and not self._paused
-            )
+            inline = not self._jobs and not self._busy and job.rows <= INLINE_MAX_ROWS and not self._paused
             if inline:
                 self._busy += 1
                 job.assigned = job.rows
