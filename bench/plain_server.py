@@ -19,6 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -49,11 +52,7 @@ def lk_plain(model: IWAE, x: torch.Tensor, k: int, gen: torch.Generator, chunk_r
     return torch.logsumexp(log_w, 0) - math.log(k)
 
 
-def build_app(model: IWAE, chunk_rows: int):  # type: ignore[no-untyped-def]
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse
-    from starlette.concurrency import run_in_threadpool
-
+def build_app(model: IWAE, chunk_rows: int) -> FastAPI:
     app = FastAPI()
 
     def compute(body: bytes, k: int, seed: int) -> dict[str, object]:
