@@ -1,7 +1,7 @@
 """The FastAPI application: routes, error handling, startup (load, warm up) and shutdown.
 
-`create_app(settings)` builds a self-contained app (its own registry, engines and metrics registry), so tests
-can build several in one process. The engines live in `service.batching`; request decoding in
+`create_app(settings)` builds a self-contained app (its own registry, schedulers and metrics registry), so tests
+can build several in one process. The schedulers live in `service.fair_queue` (set up by `service.traffic`); request decoding in
 `service.inputs`.
 """
 

@@ -62,7 +62,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path
         "IWAE_MODELS": str(models),
         "IWAE_DEFAULT_MODEL": "tiny",
         "IWAE_DEVICE": "cpu",
-        "IWAE_MAX_WAIT_MS": "30",
         "IWAE_LOG_LEVEL": "info",
         "OMP_NUM_THREADS": "1",
     }
