@@ -33,6 +33,7 @@ from models.noise import request_noise as draw_request_noise
 from service import drain, schemas
 from service.auth import ApiKeyMiddleware, load_api_keys
 from service.fair_queue import (
+    INLINE_MAX_ROWS,
     CancelledJobError,
     DeadlineError,
     DrainingError,
@@ -138,8 +139,11 @@ class ServiceState:
         try:
             assert self.schedulers is not None and self.registry is not None
             for name, sched in self.schedulers.by_model.items():
-                x = torch.zeros(2, self.registry.models[name].x_dim)  # 2 rows or more: the compiled kernel
-                await sched.wait(sched.submit_loglik(x, 2, 0), timeout=max(self.settings.timeout_s, 120.0))
+                # On a worker thread (more rows than run inline), so that compiling the engine's kernels
+                # never blocks the event loop: /healthz answers meanwhile.
+                x = torch.zeros(2, self.registry.models[name].x_dim)
+                job = sched.submit_loglik(x, INLINE_MAX_ROWS, 0)
+                await sched.wait(job, timeout=max(self.settings.timeout_s, 120.0))
             self.ready = True
             self.metrics.ready.set(1)
             log.info("ready: %s", ", ".join(self.schedulers.by_model))
