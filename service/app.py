@@ -16,7 +16,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 import numpy as np
@@ -47,7 +47,7 @@ from service.metrics import Metrics, MetricsMiddleware
 from service.openapi_truth import refine as refine_openapi
 from service.registry import LoadedModel, ModelRegistry, UnknownModelError
 from service.settings import Settings
-from service.traffic import Schedulers, request_timeout
+from service.traffic import InFlight, InFlightMiddleware, Schedulers, request_timeout
 
 log = logging.getLogger("iwae.service")
 
@@ -118,6 +118,7 @@ class ServiceState:
     metrics: Metrics
     registry: ModelRegistry | None = None
     schedulers: Schedulers | None = None
+    in_flight: InFlight = field(default_factory=InFlight)
     ready: bool = False
     warm_error: str | None = None
     _warm_task: asyncio.Task[None] | None = None
@@ -447,6 +448,7 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
         on_reject=lambda: metrics.scheduler.reject("unauthorized"),
     )
     app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.add_middleware(InFlightMiddleware, counter=state.in_flight)
     _install_error_handlers(app, settings, metrics)
     default_k = min(5000, settings.max_k)
 
@@ -509,7 +511,8 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
     ) -> Any:
         timeout, until = deadline(timeout_ms)
         sched = state.scheduler(lm)
-        return await run(sched, sched.submit_call(lambda: fn(lm), cost=cost, deadline=until), request, timeout)
+        job = sched.submit_call(lambda: fn(lm), cost=cost, deadline=until, inline_ok=state.in_flight.inline_ok)
+        return await run(sched, job, request, timeout)
 
     x_hint = "a flat list of x_dim values or an H × W nested list (28 × 28 for MNIST models)"
 
@@ -543,7 +546,8 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
         check_cost(int(x.shape[0]), k, "k")
         sched = state.scheduler(lm)
         timeout, until = deadline(timeout_ms)
-        stats: LoglikResult = await run(sched, sched.submit_loglik(x, k, seed, deadline=until), request, timeout)
+        job = sched.submit_loglik(x, k, seed, deadline=until, inline_ok=state.in_flight.inline_ok)
+        stats: LoglikResult = await run(sched, job, request, timeout)
         results = [
             {
                 "loglik": float(ll),

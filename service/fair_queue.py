@@ -67,7 +67,7 @@ log = logging.getLogger("iwae.service")
 
 # The oldest job's guaranteed share of each engine call (the aging guard against starvation).
 OLDEST_SHARE = 4
-# A job of at most this many rows (or call cost) is computed on the caller's thread when nothing else runs.
+# A job of at most this many rows (or call cost) may be computed on the caller's thread (see _may_run_inline).
 INLINE_MAX_ROWS = 512
 # Retry-After bounds (seconds) and the throughput assumed before anything was measured (rows/s).
 RETRY_AFTER_BOUNDS = (1, 60)
@@ -171,16 +171,20 @@ class FairScheduler:
         return int(min(high, max(low, math.ceil(self._queued_cost() / max(self._rows_per_s, 1.0)))))
 
     # --- submission ---------------------------------------------------------------------------------
-    def submit_loglik(self, x: torch.Tensor, k: int, seed: int, deadline: float = math.inf) -> FairJob:
+    def submit_loglik(
+        self, x: torch.Tensor, k: int, seed: int, deadline: float = math.inf, inline_ok: bool = True
+    ) -> FairJob:
         if k < 1 or x.dim() != 2 or x.shape[0] < 1:
             raise ValueError(f"need k >= 1 and x [B >= 1, D], got k={k}, x {list(x.shape)}")
         job = FairJob(rows=k * int(x.shape[0]), x=x, k=k, seed=seed, deadline=deadline)
-        return self._submit(job)
+        return self._submit(job, inline_ok)
 
-    def submit_call(self, fn: Callable[[], Any], cost: int = 1, deadline: float = math.inf) -> FairJob:
-        return self._submit(FairJob(rows=max(1, cost), fn=fn, deadline=deadline))
+    def submit_call(
+        self, fn: Callable[[], Any], cost: int = 1, deadline: float = math.inf, inline_ok: bool = True
+    ) -> FairJob:
+        return self._submit(FairJob(rows=max(1, cost), fn=fn, deadline=deadline), inline_ok)
 
-    def _submit(self, job: FairJob) -> FairJob:
+    def _submit(self, job: FairJob, inline_ok: bool) -> FairJob:
         with self._cond:
             refusal: SchedulerError | None = None
             if not self._accepting:
@@ -191,7 +195,7 @@ class FairScheduler:
                 refusal.retry_after_s = self._retry_after()
                 self.observer.rejected(refusal.reason)
                 raise refusal
-            inline = not self._jobs and not self._busy and job.rows <= INLINE_MAX_ROWS and not self._paused
+            inline = inline_ok and self._may_run_inline(job)
             if inline:
                 self._busy += 1
                 job.assigned = job.rows
@@ -200,8 +204,15 @@ class FairScheduler:
             if not inline:
                 self._cond.notify()
                 return job
-        self._run_pieces([(job, 0, job.rows)])  # idle engine, tiny job: no thread hand-off
+        self._run_pieces([(job, 0, job.rows)])  # a tiny job: no thread hand-off, no wait behind a big chunk
         return job
+
+    def _may_run_inline(self, job: FairJob) -> bool:
+        """A tiny job runs on the caller's thread at once unless another small job waits: then it joins it in
+        an engine call (the caller says, with ``inline_ok``, whether other requests are in flight)."""
+        if self._paused or job.rows > INLINE_MAX_ROWS:
+            return False
+        return not any(j.unassigned > 0 and j.rows <= INLINE_MAX_ROWS for j in self._jobs)
 
     def cancel(self, job: FairJob, reason: str = "cancelled") -> None:
         """Stop a job between chunks: its remaining rows are never computed."""
@@ -239,6 +250,13 @@ class FairScheduler:
             extra = min(job.unassigned - take.get(id(job), 0), budget)
             take[id(job)] = take.get(id(job), 0) + extra
             budget -= extra
+        # A call that completes some jobs returns their answers only when it ends: keep it short by giving
+        # the jobs it does not complete no more than the oldest job's guaranteed share.
+        completes = any(take.get(id(j), 0) == j.unassigned for j in order)
+        if completes:
+            for j in order:
+                if 0 < take.get(id(j), 0) < j.unassigned:
+                    take[id(j)] = min(take[id(j)], self.chunk_rows // OLDEST_SHARE)
         pieces = []
         for job in order:
             n = take.get(id(job), 0)

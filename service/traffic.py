@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, field
 
 import torch
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from models.engine import chunk_rows_for
 from service.fair_queue import FairScheduler
@@ -44,6 +45,38 @@ def worker_layout(settings: Settings, device: torch.device) -> tuple[int, int | 
     if settings.threads:
         return max(1, cores // settings.threads), settings.threads
     return cores, 1
+
+
+# Run a tiny job on the event loop only while at most this many HTTP requests are in flight (it and, say, a
+# big one): with more, tiny jobs are handed to the workers, which merge them into shared engine calls.
+INLINE_MAX_IN_FLIGHT = 2
+
+
+@dataclass
+class InFlight:
+    """How many HTTP requests are in progress (counted by `InFlightMiddleware`), for the inline decision."""
+
+    count: int = 0
+
+    @property
+    def inline_ok(self) -> bool:
+        return self.count <= INLINE_MAX_IN_FLIGHT
+
+
+class InFlightMiddleware:
+    def __init__(self, app: ASGIApp, counter: InFlight) -> None:
+        self.app = app
+        self.counter = counter
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        self.counter.count += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.counter.count -= 1
 
 
 def request_timeout(settings: Settings, timeout_ms: float | None) -> float:
