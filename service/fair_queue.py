@@ -72,6 +72,8 @@ INLINE_MAX_ROWS = 512
 # Retry-After bounds (seconds) and the throughput assumed before anything was measured (rows/s).
 RETRY_AFTER_BOUNDS = (1, 60)
 INITIAL_ROWS_PER_S = 200_000.0
+# A job still waiting after this long gets a task watching for its client's disconnect.
+WATCH_DISCONNECT_AFTER_S = 0.02
 
 
 class FairScheduler:
@@ -216,7 +218,11 @@ class FairScheduler:
 
     def cancel(self, job: FairJob, reason: str = "cancelled") -> None:
         """Stop a job between chunks: its remaining rows are never computed."""
-        exc: SchedulerError = DeadlineError("deadline passed") if reason == "timeout" else CancelledJobError(reason)
+        exc: SchedulerError
+        if reason == "timeout":
+            exc = DeadlineError("no result before the deadline")
+        else:
+            exc = (ClientGoneError if reason == "client_gone" else CancelledJobError)(f"job stopped: {reason}")
         with self._cond:
             if job in self._jobs:
                 self._drop(job, exc, reason)
@@ -384,7 +390,7 @@ class FairScheduler:
     @staticmethod
     def _fail(job: FairJob, exc: BaseException) -> None:
         job.failed = exc
-        job.noise, job.terms, job.log_w = None, None, None
+        # Its buffers stay: a worker may be computing one of its chunks right now (they go with the job).
         with contextlib.suppress(InvalidStateError):  # settled meanwhile, on another thread
             job.future.set_exception(exc)
 
@@ -394,31 +400,36 @@ class FairScheduler:
     ) -> Any:
         """The job's result. After ``timeout`` s the job is cancelled (DeadlineError); if ``receive`` (the
         ASGI channel, its body already read) reports a disconnect, it is cancelled (ClientGoneError); so it
-        is when the awaiting task is cancelled. A job cancelled while running stops at its next chunk."""
+        is when the awaiting task is cancelled. A job cancelled while running stops at its next chunk.
+
+        Timers rather than tasks: most jobs finish within milliseconds, and a watcher task per request would
+        cost the event loop more than the work; the disconnect watcher starts once a job has waited a while."""
         if job.future.done():  # computed inline, or failed at once
             return job.future.result()
+        loop = asyncio.get_running_loop()
         wrapped = asyncio.wrap_future(job.future)
-        waits: set[asyncio.Future[Any]] = {wrapped}
-        watcher = asyncio.ensure_future(_disconnected(receive)) if receive is not None else None
-        if watcher is not None:
-            waits.add(watcher)
+        timer = loop.call_later(timeout, self.cancel, job, "timeout") if timeout is not None else None
+        watcher: list[asyncio.Future[None]] = []
+
+        def watch() -> None:
+            async def disconnected() -> None:
+                await _disconnected(receive)  # type: ignore[arg-type]
+                self.cancel(job, "client_gone")
+
+            watcher.append(asyncio.ensure_future(disconnected()))
+
+        watch_timer = loop.call_later(WATCH_DISCONNECT_AFTER_S, watch) if receive is not None else None
         try:
-            done, _ = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            return await wrapped
         except asyncio.CancelledError:
             self.cancel(job, "cancelled")
             raise
         finally:
-            if watcher is not None:
-                watcher.cancel()
-        if wrapped in done:
-            return wrapped.result()
-        # Nobody will read it: retrieve whatever comes so that asyncio does not warn about it.
-        wrapped.add_done_callback(lambda f: f.cancelled() or f.exception())
-        if watcher is not None and watcher in done:
-            self.cancel(job, "client_gone")
-            raise ClientGoneError("client disconnected")
-        self.cancel(job, "timeout")
-        raise DeadlineError(f"no result within {timeout:g} s")
+            for handle in (timer, watch_timer):
+                if handle is not None:
+                    handle.cancel()
+            for task in watcher:
+                task.cancel()
 
 
 async def _disconnected(receive: Callable[[], Awaitable[Message]]) -> None:

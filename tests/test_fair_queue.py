@@ -293,22 +293,22 @@ async def test_wait_on_event_loop_for_worker_result() -> None:
 async def test_client_disconnect_cancels_a_running_big_job_within_one_chunk() -> None:
     sched, obs = scheduler(chunk_rows=64)
     gone = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    obs.on_call = lambda n: loop.call_soon_threadsafe(gone.set) if n == 2 else None
 
     async def receive() -> dict[str, Any]:
-        await gone.wait()  # the client leaves after the second chunk
+        await gone.wait()
         return {"type": "http.disconnect"}
 
     try:
-        sched.pause()
-        big = sched.submit_loglik(images(10, 0), k=500, seed=1)
-        sched.resume()
+        big = sched.submit_loglik(images(10, 0), k=5000, seed=1)  # 50,000 rows: 782 chunks
+        waiting = asyncio.create_task(sched.wait(big, timeout=60, receive=receive))
+        await asyncio.sleep(0.1)  # computing, and the disconnect watcher is on (it starts after 20 ms)
+        at_gone = sched.rows_computed
+        gone.set()  # the client leaves
         with pytest.raises(ClientGoneError):
-            await sched.wait(big, timeout=60, receive=receive)
+            await waiting
         assert await asyncio.to_thread(sched.wait_idle, 10.0)
-        # The disconnect is seen on the event loop while the worker computes: at most one more chunk.
-        assert 2 * 64 <= sched.rows_computed <= 4 * 64 < big.rows
+        # At most the chunk running when the client left, and one planned before the cancel landed.
+        assert at_gone > 0 and sched.rows_computed <= at_gone + 3 * 64 < big.rows
         assert "client_gone" in obs.reasons
     finally:
         sched.stop()
