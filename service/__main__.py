@@ -1,4 +1,4 @@
-"""`python -m service` and `iwae serve`: run the HTTP service with uvicorn.
+"""`python -m service` and `iwae serve`: run the HTTP service with uvicorn, draining on SIGTERM (service/drain.py).
 
 Command-line flags override `IWAE_*` environment variables, which override the defaults in settings.py. The
 flags are generated from the `Settings` fields: name, type, choices and help all come from the field.
@@ -13,7 +13,7 @@ import sys
 import types
 from typing import Any, Literal, Union, get_args, get_origin
 
-from pydantic import ValidationError
+from pydantic import SecretStr, ValidationError
 from pydantic.fields import FieldInfo
 
 from service.settings import Settings, env_name, flag_name, metavar, shown_default
@@ -30,7 +30,11 @@ def _argument(name: str, info: FieldInfo) -> dict[str, Any]:
     annotation = info.annotation
     if get_origin(annotation) in (Union, types.UnionType):  # `int | None`: the flag takes the int
         annotation = next(a for a in get_args(annotation) if a is not type(None))
-    if get_origin(annotation) is Literal:
+    if annotation is bool:  # a switch: present means true, absent leaves the environment's value
+        kwargs.update(action="store_true", default=None)
+    elif annotation is SecretStr:
+        kwargs.update(type=str, metavar=metavar(info))
+    elif get_origin(annotation) is Literal:
         kwargs["choices"] = list(get_args(annotation))
     elif get_origin(annotation) is list:
         (item,) = get_args(annotation)
@@ -66,13 +70,20 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
-    import uvicorn
+    from service.auth import ApiKeyError, load_api_keys, warn_if_exposed
+    from service.drain import serve
 
+    try:
+        keys = load_api_keys(settings.api_keys.get_secret_value() if settings.api_keys else None)
+    except ApiKeyError as e:
+        print(f"iwae serve: {e}", file=sys.stderr)
+        return 2
+    warn_if_exposed(settings.host, len(keys))
     common = {"host": settings.host, "port": settings.port, "log_level": settings.log_level}
     if settings.workers > 1:
         # Worker processes build their own app from the environment (uvicorn needs an import string).
         os.environ.update(settings.to_env())
-        uvicorn.run("service.app:create_app_from_env", factory=True, workers=settings.workers, **common)
+        serve("service.app:create_app_from_env", drain_s=settings.drain_s, workers=settings.workers, **common)
         return 0
 
     from service.app import create_app
@@ -85,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", e)
         print(f"iwae serve: {e}", file=sys.stderr)
         return 1
-    uvicorn.run(create_app(settings, registry=registry), **common)
+    # On SIGTERM/SIGINT the server drains (IWAE_DRAIN_S) and this returns: exit status 0.
+    serve(create_app(settings, registry=registry), drain_s=settings.drain_s, **common)
     return 0
 
 

@@ -14,7 +14,8 @@ first means a request with a bad parameter is refused before its model is looked
 from __future__ import annotations
 
 import secrets
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
 
@@ -25,11 +26,14 @@ from fastapi.dependencies.utils import request_params_to_args
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 
+from service import errors, fair_jobs
 from service.errors import PayloadTooLargeError, UnknownParameterError
+from service.fair_jobs import LoglikResult
+from service.fair_queue import FairJob, FairScheduler
 from service.inputs import Binarize, InputSpec, read_images
-from service.jobs import Job
 from service.registry import LoadedModel
 from service.state import ServiceState
+from service.traffic import request_timeout
 
 T = TypeVar("T")
 MAX_SEED = 2**63 - 1
@@ -54,6 +58,15 @@ BinarizeQuery = Annotated[
 ResizeQuery = Annotated[
     bool, Query(description="Resize uploaded PNG/JPEG images of other sizes to the model's image size.")
 ]
+TimeoutQuery = Annotated[
+    float | None,
+    Query(
+        gt=0,
+        allow_inf_nan=False,
+        description="Deadline for this request in milliseconds (queue wait plus compute); it can only shorten "
+        "the server's limit IWAE_TIMEOUT_S. A job past it stops between chunks (504).",
+    ),
+]
 
 
 def service_state(request: Request) -> ServiceState:
@@ -74,19 +87,35 @@ def pick_seed(seed: int | None) -> int:
 
 @dataclass(frozen=True)
 class ModelRequest:
-    """A request to compute with one model: the model (the default one unless named), the seed, and how to
-    run jobs on the model's scheduler."""
+    """A request to compute with one model: the model (the default one unless named), the seed, the request's
+    deadline (``timeout_ms``), and how to run jobs on the model's fair scheduler."""
 
     loaded: LoadedModel
     seed: int
     state: ServiceState
     request: Request
+    timeout_ms: float | None
 
-    async def run(self, job: Job[T]) -> T:
-        """Queue ``job`` on the model's scheduler and wait for it: 504 after IWAE_TIMEOUT_S, dropped if the
-        client goes away."""
-        scheduler = self.state.scheduler(self.loaded)
-        return await scheduler.run(job, self.state.settings.timeout_s, self.request.receive)
+    async def loglik(self, x: torch.Tensor, k: int) -> LoglikResult:
+        """L_k of images x [N, D] with k samples each (noise from the request's seed), on the scheduler."""
+        return await self._run(lambda sched, until, inline: sched.submit_loglik(x, k, self.seed, until, inline))
+
+    async def call(self, fn: Callable[[LoadedModel], T], cost: int) -> T:
+        """``fn(model)`` as one indivisible job of ``cost`` rows (images × samples) on the scheduler."""
+        lm = self.loaded
+        return await self._run(lambda sched, until, inline: sched.submit_call(lambda: fn(lm), cost, until, inline))
+
+    async def _run(self, submit: Callable[[FairScheduler, float, bool], FairJob]) -> Any:
+        """Submit and wait: 503 when the queue is full or the service drains, 504 past the deadline
+        (IWAE_TIMEOUT_S or the request's timeout_ms), dropped (499) if the client goes away."""
+        settings = self.state.settings
+        timeout = request_timeout(settings, self.timeout_ms)
+        sched = self.state.scheduler(self.loaded)
+        try:
+            job = submit(sched, time.monotonic() + timeout, self.state.in_flight.inline_ok)
+            return await sched.wait(job, timeout, self.request.receive)
+        except fair_jobs.SchedulerError as exc:
+            raise as_service_error(exc, timeout, settings.timeout_s) from exc
 
     def check_cost(self, n: int, per_image: int, what: str) -> None:
         """413 request_too_large when n images × ``per_image`` samples is over IWAE_MAX_REQUEST_COST."""
@@ -96,6 +125,19 @@ class ModelRequest:
                 f"request too large: {n} images × {what} {per_image} = {n * per_image}, over the per-request limit "
                 f"of {limit} (IWAE_MAX_REQUEST_COST); send fewer images or a smaller {what}"
             )
+
+
+def as_service_error(exc: fair_jobs.SchedulerError, timeout_s: float, limit_s: float) -> errors.ServiceError:
+    """The scheduler's refusal or job failure as the service's error (service/errors.py)."""
+    if isinstance(exc, fair_jobs.QueueFullError):
+        return errors.QueueFullError(f"{exc}; retry after {exc.retry_after_s} s", exc.retry_after_s)
+    if isinstance(exc, fair_jobs.DrainingError):
+        return errors.ShuttingDownError(exc.retry_after_s, str(exc))
+    if isinstance(exc, fair_jobs.DeadlineError):
+        return errors.JobTimeoutError(timeout_s, limit_s)
+    if isinstance(exc, fair_jobs.CancelledJobError):
+        return errors.ClientGoneError()
+    raise exc
 
 
 @dataclass(frozen=True)
@@ -110,9 +152,11 @@ class ImageRequest(ModelRequest):
         return int(self.x.shape[0])
 
 
-async def model_request(request: Request, seed: SeedQuery = None, model: ModelQuery = None) -> ModelRequest:
+async def model_request(
+    request: Request, seed: SeedQuery = None, model: ModelQuery = None, timeout_ms: TimeoutQuery = None
+) -> ModelRequest:
     state = service_state(request)
-    return ModelRequest(state.loaded(model), pick_seed(seed), state, request)
+    return ModelRequest(state.loaded(model), pick_seed(seed), state, request, timeout_ms)
 
 
 async def image_request(
@@ -121,13 +165,14 @@ async def image_request(
     seed: SeedQuery = None,
     binarize: BinarizeQuery = Binarize.none,
     resize: ResizeQuery = False,
+    timeout_ms: TimeoutQuery = None,
 ) -> ImageRequest:
     state = service_state(request)
     loaded, seed = state.loaded(model), pick_seed(seed)
     settings = state.settings
     spec = InputSpec(loaded.x_dim, loaded.image_shape, settings.max_images)
     x = await read_images(request, spec, binarize, seed, resize, settings.max_body_bytes)
-    return ImageRequest(loaded, seed, state, request, x, binarize)
+    return ImageRequest(loaded, seed, state, request, timeout_ms, x, binarize)
 
 
 Computation = Annotated[ModelRequest, Depends(model_request)]

@@ -4,6 +4,7 @@ Each error is JSON ``{"error": code, "detail": message}`` with the status of its
 
     ServiceError                      status, code, message (+ optional response headers)
     ├── BadRequestError               400  malformed body: invalid JSON or .npy, undecodable image, empty body
+    ├── UnauthorizedError             401  unauthorized (missing or wrong API key; service/auth.py answers it)
     ├── NotFoundError                 404
     │   └── UnknownModelError         404  unknown_model
     ├── PayloadTooLargeError          413  too many images, images × k over the limit, an oversized image
@@ -14,7 +15,8 @@ Each error is JSON ``{"error": code, "detail": message}`` with the status of its
     ├── ServiceUnavailableError       503
     │   ├── NotReadyError             503  not_ready
     │   ├── QueueFullError            503  queue_full
-    │   └── ShuttingDownError         503  shutting_down
+    │   ├── ShuttingDownError         503  shutting_down (a request sent while the service drains)
+    │   └── DrainingError             503  draining (/readyz while the service drains)
     ├── JobTimeoutError               504  timeout
     └── ClientGoneError               499  (no body: the client is not there to read it)
 
@@ -49,6 +51,8 @@ class ErrorCode(enum.StrEnum):
     undecodable_image = "undecodable_image"
     invalid_multipart = "invalid_multipart"
     bad_request = "bad_request"  # raised by the web framework
+    # 401
+    unauthorized = "unauthorized"
     # 404, 405
     unknown_model = "unknown_model"
     not_found = "not_found"
@@ -77,6 +81,7 @@ class ErrorCode(enum.StrEnum):
     queue_full = "queue_full"
     not_ready = "not_ready"
     shutting_down = "shutting_down"
+    draining = "draining"
     timeout = "timeout"
     # any other status the web framework raises
     http_error = "http_error"
@@ -98,6 +103,13 @@ class ServiceError(Exception):
 class BadRequestError(ServiceError):
     status = 400
     default_code = ErrorCode.bad_request
+
+
+class UnauthorizedError(ServiceError):
+    """Raised nowhere: `ApiKeyMiddleware` refuses before the app runs, with this status and code."""
+
+    status = 401
+    default_code = ErrorCode.unauthorized
 
 
 class NotFoundError(ServiceError):
@@ -160,18 +172,26 @@ class QueueFullError(ServiceUnavailableError):
 class ShuttingDownError(ServiceUnavailableError):
     default_code = ErrorCode.shutting_down
 
+    def __init__(self, retry_after_s: int, message: str = "the service is shutting down") -> None:
+        super().__init__(message, retry_after_s)
+
+
+class DrainingError(ServiceUnavailableError):
+    default_code = ErrorCode.draining
+
     def __init__(self, retry_after_s: int) -> None:
-        super().__init__("the service is shutting down", retry_after_s)
+        super().__init__("the service is draining before it stops: send work elsewhere", retry_after_s)
 
 
 class JobTimeoutError(ServiceError):
     status = 504
     default_code = ErrorCode.timeout
 
-    def __init__(self, timeout_s: float) -> None:
+    def __init__(self, timeout_s: float, limit_s: float | None = None) -> None:
+        limit_s = timeout_s if limit_s is None else limit_s
         super().__init__(
-            f"request timed out: no result within {timeout_s:g} s in queue and compute "
-            f"(IWAE_TIMEOUT_S = {timeout_s:g}); send fewer images or a smaller k, or retry later"
+            f"request timed out: no result within {timeout_s:g} s in queue and compute (IWAE_TIMEOUT_S = "
+            f"{limit_s:g}, or the request's timeout_ms); send fewer images or a smaller k, or retry later"
         )
 
 

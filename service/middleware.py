@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import BodyTooLargeError
@@ -11,9 +13,10 @@ class BodyLimitMiddleware:
     """Refuses bodies over the limit without reading them: at the first read when Content-Length says so,
     else as soon as the bytes received pass the limit (chunked uploads)."""
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_body_bytes: int, on_reject: Callable[[], None] | None = None) -> None:
         self.app = app
         self.limit = max_body_bytes
+        self.on_reject = on_reject
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -26,20 +29,23 @@ class BodyLimitMiddleware:
                     declared = int(value)
                 except ValueError:
                     declared = None
-        limit = self.limit
+        limit, on_reject = self.limit, self.on_reject
         received = 0
+
+        def refuse(message: str) -> BodyTooLargeError:
+            if on_reject is not None:
+                on_reject()
+            return BodyTooLargeError(message)
 
         async def limited_receive() -> Message:
             nonlocal received
             if declared is not None and declared > limit:
-                raise BodyTooLargeError(
-                    f"request body is {declared} bytes, over the limit of {limit} bytes (IWAE_MAX_BODY_BYTES)"
-                )
+                raise refuse(f"request body is {declared} bytes, over the limit of {limit} bytes (IWAE_MAX_BODY_BYTES)")
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise BodyTooLargeError(f"request body is over the limit of {limit} bytes (IWAE_MAX_BODY_BYTES)")
+                    raise refuse(f"request body is over the limit of {limit} bytes (IWAE_MAX_BODY_BYTES)")
             return message
 
         await self.app(scope, limited_receive, send)

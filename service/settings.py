@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
@@ -44,27 +44,46 @@ class Settings(BaseSettings):
         500_000, ge=1, description="most images × k per request (bounds its noise memory: k · n · Σd_l floats)"
     )
     max_body_bytes: int = Field(32 * 2**20, ge=1, description="largest request body; larger ones get 413 unread")
-    batch_cost: int = Field(250_000, ge=1, description="batch budget: images × k summed over the requests in one batch")
-    max_batch_requests: int = Field(256, ge=1, description="most requests in one batch; 1 turns batching off")
-    max_wait_ms: float = Field(
-        2.0,
-        ge=0,
-        description="how long a batch waits for more requests after its first arrived (only while clients are "
-        "concurrent)",
-    )
     queue_size: int = Field(512, ge=1, description="requests waiting per model; beyond it, 503 at once")
-    timeout_s: float = Field(60.0, gt=0, description="per-request limit on queue wait plus compute (504)")
-    retry_after_s: int = Field(1, ge=0, description="`Retry-After` seconds sent with 503")
+    timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="per-request limit on queue wait plus compute (504); a request's `timeout_ms` may only shorten it",
+    )
+    retry_after_s: int = Field(
+        1, ge=0, description="`Retry-After` seconds while models load; a full queue or a drain computes its own"
+    )
     threads: int | None = Field(
         None,
         ge=1,
-        description="torch intra-op threads (set 1 on machines whose cores are busy with other work)",
-        json_schema_extra={"shown_default": "torch's default"},
+        description="torch threads per engine worker",
+        json_schema_extra={"shown_default": "1 per worker on CPUs (usable cores ÷ workers with IWAE_ENGINE_WORKERS)"},
     )
+    engine_workers: int | None = Field(
+        None,
+        ge=1,
+        description="engine worker threads per model; on a machine shared with other jobs, lower it to leave "
+        "cores free",
+        json_schema_extra={"shown_default": "usable CPU cores ÷ IWAE_THREADS; 1 on a GPU"},
+    )
+    drain_s: float = Field(
+        30.0,
+        ge=0,
+        description="grace period on SIGTERM/SIGINT: queued and running jobs finish within it (new ones get 503), "
+        "then the process exits 0",
+    )
+    api_keys: SecretStr | None = Field(
+        None,
+        description="API keys: comma-separated, or the path of a file with one key per line; when set, every "
+        "endpoint but the health probes needs `Authorization: Bearer <key>` (prefer the variable or a file: "
+        "flags show in process listings)",
+        json_schema_extra={"shown_default": "none (no keys needed)", "metavar": "KEYS|FILE"},
+    )
+    metrics_public: bool = Field(False, description="serve `/metrics` without an API key even when keys are set")
     memory_bytes: int = Field(
         256 * 2**20,
         ge=2**20,
-        description="the L_k engine's activation memory per batch (sets its chunk size; on CPUs chunks are also "
+        description="the L_k engine's activation memory per chunk (sets the chunk size; on CPUs chunks are also "
         "capped at the engine's cache-sized default)",
     )
     host: str = Field("127.0.0.1", description="address to bind (`0.0.0.0` in containers)")
@@ -104,6 +123,8 @@ class Settings(BaseSettings):
                 continue
             if name == "models":
                 env[env_name(name)] = json.dumps([str(p) for p in value])
+            elif isinstance(value, SecretStr):
+                env[env_name(name)] = value.get_secret_value()
             else:
                 env[env_name(name)] = str(value)
         return env

@@ -21,8 +21,8 @@ from models.checkpoint import to_bytes
 from models.config import ModelConfig
 from models.networks import IWAE
 from service.app import create_app
+from service.fair_queue import FairScheduler
 from service.registry import ModelRegistry
-from service.scheduler import Scheduler
 from service.settings import Settings
 from service.state import ServiceState
 
@@ -58,8 +58,9 @@ class InProcessService:
     def state(self) -> ServiceState:
         return self.app.state.service
 
-    def scheduler(self, name: str | None = None) -> Scheduler:
+    def scheduler(self, name: str | None = None) -> FairScheduler:
         """The scheduler of the named model (the default model's when None)."""
+        assert self.state.schedulers is not None
         return self.state.schedulers[name or self.state.models().default]
 
     def metric(self, name: str, labels: dict[str, str] | None = None) -> float:

@@ -299,3 +299,12 @@ def test_service_and_iwae_serve_import_without_training_dependencies() -> None:
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "usage: iwae serve" in r.stdout
+
+
+def test_stop_signal_and_grace_period_agree_with_the_drain() -> None:
+    svc = compose_service()
+    assert svc["stop_signal"] == "SIGTERM"
+    grace = svc["stop_grace_period"]
+    assert grace.endswith("s") and int(grace[:-1]) >= Settings().drain_s + 10  # drain, then shutdown
+    assert re.fullmatch(r"\$\{IWAE_DRAIN_S:-(\d+)\}", svc["environment"]["IWAE_DRAIN_S"])
+    assert ("STOPSIGNAL", "SIGTERM") in dockerfile_instructions()

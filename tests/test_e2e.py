@@ -62,7 +62,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path
         "IWAE_MODELS": str(models),
         "IWAE_DEFAULT_MODEL": "tiny",
         "IWAE_DEVICE": "cpu",
-        "IWAE_MAX_WAIT_MS": "30",
         "IWAE_LOG_LEVEL": "info",
         "OMP_NUM_THREADS": "1",
     }
@@ -128,8 +127,8 @@ def test_end_to_end(server: tuple[str, Path, subprocess.Popen[bytes]]) -> None:
             np.testing.assert_allclose(together[i].loglik, alone.loglik, rtol=2e-6)
 
     metrics = httpx.get(f"{url}/metrics").text
-    count = float(re.search(r'iwae_batch_size_count\{model="tiny"\} (\S+)', metrics).group(1))  # type: ignore[union-attr]
-    total = float(re.search(r'iwae_batch_size_sum\{model="tiny"\} (\S+)', metrics).group(1))  # type: ignore[union-attr]
-    assert total > count  # some batch held more than one request
+    rows = float(re.search(r'iwae_rows_computed_total\{model="tiny"\} (\S+)', metrics).group(1))  # type: ignore[union-attr]
+    assert rows >= 40 * 2 + 19 * 30  # every /loglik row above was computed (and counted)
+    assert 'iwae_queued_cost{model="tiny"} 0.0' in metrics
     assert 'iwae_requests_total{method="POST",route="/loglik",status="422"} 1.0' in metrics
     assert proc.poll() is None  # still serving after the bad requests

@@ -169,7 +169,7 @@ def test_default_binary_mode_datatypes_and_shapes(server: str, client: httpclien
 def test_infer_runs_on_the_loglik_scheduler(server: str, client: httpclient.InferenceServerClient) -> None:
     def evaluated() -> float:
         for line in httpx.get(f"{server}/metrics").text.splitlines():
-            if line.startswith('iwae_samples_evaluated_total{model="tiny"}'):
+            if line.startswith('iwae_rows_computed_total{model="tiny"}'):
                 return float(line.split()[-1])
         return 0.0
 

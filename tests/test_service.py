@@ -245,16 +245,17 @@ async def test_health_ready_and_metrics(svc: InProcessService) -> None:
     assert (await svc.client.get("/healthz")).json() == {"status": "ok"}
     ready = await svc.client.get("/readyz")
     assert ready.status_code == 200 and ready.json()["models"] == ["tiny", "tiny2l", "vec10"]
-    before = svc.metric("iwae_samples_evaluated_total", {"model": "tiny"})
+    before = svc.metric("iwae_rows_computed_total", {"model": "tiny"})
     await svc.client.post("/loglik?k=30&seed=0", json={"images": binary_images(3).tolist()})
     await svc.client.post("/loglik?k=0", json={"images": binary_images(1).tolist()})
     text = (await svc.client.get("/metrics")).text
     assert 'iwae_requests_total{method="POST",route="/loglik",status="200"} 1.0' in text
     assert 'iwae_requests_total{method="POST",route="/loglik",status="422"} 1.0' in text
     assert "iwae_request_duration_seconds_bucket" in text
-    assert "iwae_queue_wait_seconds_count" in text and "iwae_batch_cost_bucket" in text
-    assert 'iwae_queue_depth{model="tiny"} 0.0' in text
-    assert svc.metric("iwae_samples_evaluated_total", {"model": "tiny"}) == before + 3 * 30
+    assert "iwae_job_queue_wait_seconds_count" in text and "iwae_engine_call_seconds_bucket" in text
+    assert 'iwae_queued_cost{model="tiny"} 0.0' in text
+    assert 'iwae_rejections_total{reason="queue_full"} 0.0' in text
+    assert svc.metric("iwae_rows_computed_total", {"model": "tiny"}) == before + 3 * 30
     assert svc.metric("iwae_ready") == 1.0
 
 
@@ -266,7 +267,7 @@ async def test_openapi_documents_every_parameter_and_error(svc: InProcessService
         assert all(p.get("description") for p in op["parameters"]), path
         assert set(op["requestBody"]["content"]) == {"application/json", "multipart/form-data", "application/x-npy"}
     loglik_params = {p["name"] for p in spec["paths"]["/loglik"]["post"]["parameters"]}
-    assert loglik_params == {"k", "model", "seed", "binarize", "resize"}
+    assert loglik_params == {"k", "model", "seed", "binarize", "resize", "timeout_ms"}
     sample = spec["paths"]["/sample"]["get"]
     assert all(p.get("description") for p in sample["parameters"])
     assert (await svc.client.get("/docs")).status_code == 200

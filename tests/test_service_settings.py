@@ -37,11 +37,11 @@ def test_environment_variables(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
     monkeypatch.setenv("IWAE_MAX_K", "20000")
     monkeypatch.setenv("IWAE_DEVICE", "cpu")
     monkeypatch.setenv("IWAE_MODELS", f"{tmp_path}/a, {tmp_path}/b.safetensors")
-    monkeypatch.setenv("IWAE_MAX_WAIT_MS", "7.5")
+    monkeypatch.setenv("IWAE_DRAIN_S", "7.5")
     monkeypatch.setenv("IWAE_DATA_DIR", "/somewhere")  # the training side's: ignored here
     monkeypatch.setenv("IWAE_ENGINE_COMPILE", "1")
     s = Settings()
-    assert (s.max_k, s.device, s.max_wait_ms) == (20000, "cpu", 7.5)
+    assert (s.max_k, s.device, s.drain_s) == (20000, "cpu", 7.5)
     assert s.models == [tmp_path / "a", tmp_path / "b.safetensors"]
     monkeypatch.setenv("IWAE_MODELS", '["/x", "/y"]')
     assert Settings().models == [Path("/x"), Path("/y")]
@@ -66,7 +66,7 @@ def test_flags_override_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: P
 
 
 def test_settings_round_trip_through_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    s = Settings(models=[tmp_path, tmp_path / "m.safetensors"], max_k=123, threads=2, max_wait_ms=1.5)
+    s = Settings(models=[tmp_path, tmp_path / "m.safetensors"], max_k=123, threads=2, drain_s=1.5, api_keys="k1,k2")
     for key, value in s.to_env().items():
         monkeypatch.setenv(key, value)
     assert Settings() == s
@@ -155,7 +155,7 @@ def test_flags_are_generated_from_the_fields() -> None:
     assert list(actions) == list(Settings.model_fields)
     assert actions["device"].choices == ["auto", "cpu", "cuda"]
     assert actions["log_level"].choices == ["critical", "error", "warning", "info", "debug"]
-    assert (actions["max_wait_ms"].type, actions["threads"].type, actions["models"].nargs) == (float, int, "+")
+    assert (actions["drain_s"].type, actions["threads"].type, actions["models"].nargs) == (float, int, "+")
     assert all(a.default is None for a in actions.values())  # unset flags leave the environment's value
     for name, action in actions.items():
         assert action.option_strings == [f"--{name.replace('_', '-')}"]
@@ -184,12 +184,13 @@ def test_openapi_operations_are_unchanged(monkeypatch: pytest.MonkeyPatch) -> No
 
 
 def test_main_runs_uvicorn_with_the_loaded_app(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    import uvicorn
     from fastapi import FastAPI
+
+    import service.drain
 
     write_checkpoint(tmp_path / "m.safetensors", tiny_model())
     calls: list[tuple[object, dict[str, object]]] = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append((app, kw)))
+    monkeypatch.setattr(service.drain, "serve", lambda app, **kw: calls.append((app, kw)))
     assert main(["--models", str(tmp_path), "--device", "cpu", "--port", "8123", "--host", "127.0.0.2"]) == 0
     ((app, kw),) = calls
     assert isinstance(app, FastAPI)
@@ -203,16 +204,15 @@ def test_main_with_workers_passes_settings_through_the_environment(
 ) -> None:
     import os
 
-    import uvicorn
-
+    import service.drain
     from service.app import create_app_from_env
 
     write_checkpoint(tmp_path / "m.safetensors", tiny_model())
     calls: list[tuple[object, dict[str, object]]] = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append((app, kw)))
+    monkeypatch.setattr(service.drain, "serve", lambda app, **kw: calls.append((app, kw)))
     assert main(["--models", str(tmp_path), "--workers", "2", "--max-k", "77", "--device", "cpu"]) == 0
     ((target, kw),) = calls
-    assert target == "service.app:create_app_from_env" and kw["factory"] is True and kw["workers"] == 2
+    assert target == "service.app:create_app_from_env" and kw["workers"] == 2 and kw["drain_s"] == 30
     assert os.environ["IWAE_MAX_K"] == "77"
     app = create_app_from_env()  # what each worker process builds
     assert app.state.service.settings.max_k == 77

@@ -6,7 +6,8 @@
         r.loglik, r.stderr                     # NumPy arrays, one entry per image
 
 Images go as an .npy body (exact and compact); file paths or bytes go as a multipart PNG/JPEG upload.
-Errors come back as `IWAEError` subclasses carrying the server's message. A 503 (queue full) is retried
+Servers with API keys need ``api_key="..."`` (sent as `Authorization: Bearer`). Errors come back as
+`IWAEError` subclasses carrying the server's message. A 503 (queue full, draining) is retried
 after the server's Retry-After, up to ``max_retries`` times.
 """
 
@@ -21,6 +22,7 @@ from service.client.errors import (
     PayloadTooLargeError,
     ServerError,
     ServiceUnavailableError,
+    UnauthorizedError,
     UnsupportedMediaTypeError,
     error_from_response,
 )
@@ -51,6 +53,7 @@ __all__ = [
     "SampleResult",
     "ServerError",
     "ServiceUnavailableError",
+    "UnauthorizedError",
     "UnsupportedMediaTypeError",
     "error_from_response",
 ]

@@ -34,9 +34,11 @@ class AsyncIWAEClient(ClientBase):
         max_retry_wait: float = 30.0,
         transport: httpx.AsyncBaseTransport | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        api_key: str | None = None,
     ) -> None:
         super().__init__(max_retries, max_retry_wait)
-        self._http = httpx.AsyncClient(base_url=base_url, timeout=timeout, transport=transport)
+        headers = self.auth_headers(api_key)
+        self._http = httpx.AsyncClient(base_url=base_url, timeout=timeout, transport=transport, headers=headers)
         self._sleep = sleep
 
     async def aclose(self) -> None:

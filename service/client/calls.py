@@ -63,6 +63,11 @@ class Call:
 
 
 class ClientBase:
+    @staticmethod
+    def auth_headers(api_key: str | None) -> dict[str, str]:
+        """The Authorization header for ``api_key`` (servers with IWAE_API_KEYS set require one)."""
+        return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
     def __init__(self, max_retries: int, max_retry_wait: float) -> None:
         self.max_retries = max_retries
         self.max_retry_wait = max_retry_wait

@@ -20,6 +20,10 @@ class BadRequestError(IWAEError):
     """400: malformed body (invalid JSON, undecodable image or .npy, empty body)."""
 
 
+class UnauthorizedError(IWAEError):
+    """401: the server requires an API key (``api_key=``) and none or a wrong one was sent."""
+
+
 class NotFoundError(IWAEError):
     """404: unknown model or endpoint."""
 
@@ -50,6 +54,7 @@ class ServerError(IWAEError):
 
 _BY_STATUS: dict[int, type[IWAEError]] = {
     400: BadRequestError,
+    401: UnauthorizedError,
     404: NotFoundError,
     413: PayloadTooLargeError,
     415: UnsupportedMediaTypeError,

@@ -33,9 +33,11 @@ class IWAEClient(ClientBase):
         max_retry_wait: float = 30.0,
         transport: httpx.BaseTransport | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        api_key: str | None = None,
     ) -> None:
         super().__init__(max_retries, max_retry_wait)
-        self._http = httpx.Client(base_url=base_url, timeout=timeout, transport=transport)
+        headers = self.auth_headers(api_key)
+        self._http = httpx.Client(base_url=base_url, timeout=timeout, transport=transport, headers=headers)
         self._sleep = sleep
 
     def close(self) -> None:

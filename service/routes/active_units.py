@@ -11,7 +11,6 @@ from models.posterior import ACTIVE_UNIT_THRESHOLD, UPPER_LAYER_SAMPLES
 from service import jobs, schemas
 from service.deps import ImageComputation, check_query
 from service.errors import ErrorCode, InvalidInputError
-from service.jobs import CallJob
 from service.routes.openapi import IMAGE_ROUTE_ERRORS, error_responses, image_body
 from service.settings import Settings
 
@@ -33,7 +32,7 @@ def add_routes(r: APIRouter, settings: Settings) -> None:
         "Upper-layer means are averaged over `samples` draws of the layer below.",
     )
     async def active_units(
-        req: ImageComputation, samples: SamplesQuery = UPPER_LAYER_SAMPLES
+        req: ImageComputation, samples: SamplesQuery = min(UPPER_LAYER_SAMPLES, settings.max_k)
     ) -> schemas.ActiveUnitsResponse:
         n = req.n
         if n < 2:
@@ -42,7 +41,7 @@ def add_routes(r: APIRouter, settings: Settings) -> None:
             )
         per_image = samples if req.loaded.model.config.n_layers > 1 else 1
         req.check_cost(n, per_image, "samples")
-        variances = await req.run(CallJob(fn=jobs.active_units(req.x, samples, req.seed), cost=n * per_image))
+        variances = await req.call(jobs.active_units(req.x, samples, req.seed), n * per_image)
         layers = [_layer(i + 1, a) for i, a in enumerate(variances)]
         return schemas.ActiveUnitsResponse(
             model=req.loaded.name,

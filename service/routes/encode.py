@@ -7,7 +7,6 @@ from fastapi import APIRouter, Query
 
 from service import jobs, schemas
 from service.deps import ImageComputation, check_query
-from service.jobs import CallJob
 from service.routes.openapi import IMAGE_ROUTE_ERRORS, error_responses, image_body
 from service.settings import Settings
 
@@ -30,7 +29,7 @@ def add_routes(r: APIRouter, settings: Settings) -> None:
     )
     async def encode(req: ImageComputation, samples: SamplesQuery = 0) -> schemas.EncodeResponse:
         req.check_cost(req.n, max(samples, 1), "samples")
-        layers = await req.run(CallJob(fn=jobs.encode(req.x, samples, req.seed), cost=req.n * max(samples, 1)))
+        layers = await req.call(jobs.encode(req.x, samples, req.seed), req.n * max(samples, 1))
         return schemas.EncodeResponse(
             model=req.loaded.name,
             seed=req.seed,

@@ -6,7 +6,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from service import schemas
 from service.deps import State
-from service.errors import NotReadyError
+from service.errors import DrainingError, NotReadyError
 from service.routes.openapi import error_responses
 from service.settings import Settings
 
@@ -21,10 +21,12 @@ def add_routes(r: APIRouter, settings: Settings) -> None:
         "/readyz",
         response_model=schemas.ReadyResponse,
         responses=error_responses(503)
-        | {503: {"model": schemas.ErrorResponse, "description": "Not loaded or warmed yet."}},
+        | {503: {"model": schemas.ErrorResponse, "description": "Not loaded or warmed yet, or draining."}},
         summary="Readiness: every model loaded and warmed up",
     )
     async def readyz(state: State) -> schemas.ReadyResponse:
+        if state.draining:
+            raise DrainingError(settings.retry_after_s)
         if state.ready and state.registry is not None:
             return schemas.ReadyResponse(status="ready", models=state.registry.names())
         why = f"warm-up failed: {state.warm_error}" if state.warm_error else "models are loading or warming up"

@@ -10,7 +10,6 @@ from fastapi import APIRouter, Query
 from service import schemas
 from service.deps import ImageComputation, check_query
 from service.inputs import bits_per_dim
-from service.jobs import LoglikJob
 from service.routes.openapi import IMAGE_ROUTE_ERRORS, error_responses, image_body
 from service.settings import Settings
 
@@ -33,12 +32,13 @@ def add_routes(r: APIRouter, settings: Settings) -> None:
         summary="L_k log-likelihood estimate per image",
         description="The k-sample importance weighted bound L_k on log p(x) (nats) per image, its Monte Carlo "
         "standard error, the ESS of the normalised weights, the ELBO and bits/dim, from k samples of q(h|x) "
-        "drawn with the seed. Concurrent requests are batched; each gets exactly the answer it would get alone. "
-        f"503 responses carry Retry-After ({settings.retry_after_s} s).",
+        "drawn with the seed. Concurrent requests share engine calls; each gets the answer it would get alone. "
+        "Jobs are computed in chunks interleaved with other requests, so small requests are not held up by big "
+        "ones; 503 responses carry Retry-After.",
     )
     async def loglik(req: ImageComputation, k: KQuery = min(5000, settings.max_k)) -> schemas.LoglikResponse:
         req.check_cost(req.n, k, "k")
-        stats = await req.run(LoglikJob.of(req.x, k, req.seed))
+        stats = await req.loglik(req.x, k)
         quantiles = req.loaded.quantiles
         pct, pct_k = quantiles.percentile(stats.loglik, k) if quantiles else ([None] * req.n, None)
         results = [

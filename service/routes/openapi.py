@@ -13,8 +13,10 @@ ERROR_TEXT = {
     415: "Unsupported Content-Type.",
     422: "Invalid parameter (k, n, seed, binarize, ...; unknown parameter names too) or invalid images: wrong "
     "shape, NaN/inf, values outside [0, 1], non-binary pixels with binarize=none.",
-    503: "The model's queue is full (retry after the Retry-After header's seconds) or the service is stopping.",
-    504: "The request was not done within IWAE_TIMEOUT_S.",
+    401: "Missing or invalid API key (only when IWAE_API_KEYS is set); the body is not read.",
+    503: "The model's queue is full or the service is draining; Retry-After says when to come back (1-60 s, "
+    "from the queued work and the measured throughput).",
+    504: "The request was not done within IWAE_TIMEOUT_S (or its timeout_ms).",
 }
 # The error statuses of a route that reads images and computes.
 IMAGE_ROUTE_ERRORS = (400, 404, 413, 415, 422, 503, 504)

@@ -8,7 +8,6 @@ from fastapi import APIRouter, Query
 from service import jobs, schemas
 from service.deps import ImageComputation, check_query
 from service.errors import PayloadTooLargeError
-from service.jobs import CallJob
 from service.routes.openapi import IMAGE_ROUTE_ERRORS, error_responses, image_body
 from service.settings import Settings
 
@@ -36,8 +35,7 @@ def add_routes(r: APIRouter, settings: Settings) -> None:
                 f"request too large: {req.n} images × (samples {samples} + 1) = {decoded} decoded images, over "
                 f"the limit of {settings.max_n} (IWAE_MAX_N); send fewer images or fewer samples"
             )
-        job = CallJob(fn=jobs.reconstruct(req.x, samples, req.seed), cost=req.n * max(samples, 1))
-        mean, draws = await req.run(job)
+        mean, draws = await req.call(jobs.reconstruct(req.x, samples, req.seed), req.n * max(samples, 1))
         return schemas.ReconstructResponse(
             model=req.loaded.name,
             seed=req.seed,

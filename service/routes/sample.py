@@ -14,7 +14,6 @@ from PIL import Image
 from service import jobs, schemas
 from service.deps import Computation, check_query
 from service.errors import ErrorCode, InvalidInputError
-from service.jobs import CallJob
 from service.routes.openapi import error_responses
 from service.settings import Settings
 
@@ -51,7 +50,7 @@ def add_routes(r: APIRouter, settings: Settings) -> None:
                 f"model {loaded.name!r} has no image shape (x_dim {loaded.x_dim}); use format=json",
                 ErrorCode.not_an_image_model,
             )
-        probs, binary = await req.run(CallJob(fn=jobs.sample(n, seed), cost=n))
+        probs, binary = await req.call(jobs.sample(n, seed), n)
         if format == "png" and shape is not None:
             shown = probs if pixels == "probs" else binary.astype(np.float64)
             png = await asyncio.to_thread(grid_png, shown.reshape(n, *shape))

@@ -14,12 +14,13 @@ import numpy as np
 import torch
 from fastapi import APIRouter, Path, Request
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 
 from service import oip
 from service.deps import ModelRequest, service_state
 from service.errors import ServiceError
+from service.fair_jobs import LoglikResult
 from service.inputs import bits_per_dim, validate_and_binarize
-from service.jobs import LoglikJob, LoglikStats
 from service.registry import LoadedModel
 from service.settings import Settings
 from service.state import ServiceState
@@ -68,10 +69,10 @@ def _model_spec(lm: LoadedModel, settings: Settings) -> oip.ModelSpec:
     )
 
 
-async def _run_loglik(request: Request, lm: LoadedModel, x: torch.Tensor, k: int, seed: int) -> LoglikStats:
-    """The same scheduler, batching and noise as POST /loglik."""
-    req = ModelRequest(lm, seed, _state(request), request)
-    return await req.run(LoglikJob.of(x, k, seed))
+async def _run_loglik(request: Request, lm: LoadedModel, x: torch.Tensor, k: int, seed: int) -> LoglikResult:
+    """The same scheduler, engine calls and noise as POST /loglik (the server's IWAE_TIMEOUT_S deadline)."""
+    req = ModelRequest(lm, seed, _state(request), request, None)
+    return await req.loglik(x, k)
 
 
 def add_routes(r: APIRouter, settings: Settings) -> None:
@@ -134,8 +135,24 @@ def add_routes(r: APIRouter, settings: Settings) -> None:
 
     # Last: any other /v2 path gets the protocol's error body.
     @r.api_route("/v2/{path:path}", methods=["GET", "POST", "PUT", "DELETE"], include_in_schema=False)
-    async def not_found(path: str) -> Response:
+    async def not_found(request: Request, path: str) -> Response:
+        allowed = _allowed_methods(request)
+        if allowed:  # a v2 route, asked with another method
+            return JSONResponse(
+                {"error": f"method {request.method} not allowed on /v2/{path}; allowed: {', '.join(allowed)}"},
+                status_code=405,
+                headers={"Allow": ", ".join(allowed)},
+            )
         return _error(f"no such endpoint /v2/{path}; see docs/service.md for the v2 routes", 404)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """The methods of the documented routes whose path matches the request's (none: no such endpoint)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        if isinstance(route, APIRoute) and route.include_in_schema and route.path_regex.match(request.url.path):
+            methods |= route.methods
+    return sorted(methods)
 
 
 async def _infer(request: Request, name: str, settings: Settings) -> Response:
