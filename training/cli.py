@@ -128,6 +128,8 @@ def _cmd_eval(a: argparse.Namespace) -> int:
         print(
             f"{a.ckpt.name}: {a.split} L_{a.k} = {result['loglik']:.3f} ± {result['loglik_stderr']:.3f} nats "
             f"(NLL {-result['loglik']:.3f}; over {result['n_images']} images), ELBO = {result['elbo']:.3f}, "
+            f"Monte Carlo stderr {result['mc_stderr']:.3f} (RMS per image), "
+            f"{100 * result['unreliable_fraction']:.1f}% of images unreliable (PSIS k̂ > 0.7), "
             f"active units {result['active_units']} (A_u > {result['active_units_threshold']}, "
             f"{result['active_units_images']} training images), {result['seconds']:.1f} s"
         )
