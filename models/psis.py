@@ -34,7 +34,7 @@ CUTOFF_MIN = math.log(torch.finfo(torch.float64).tiny)
 
 def tail_length(k: int) -> int:
     """M, the number of largest weights fitted: ceil(min(k / 5, 3 sqrt(k)))."""
-    return int(math.ceil(min(k / 5.0, 3.0 * math.sqrt(k))))
+    return math.ceil(min(k / 5.0, 3.0 * math.sqrt(k)))
 
 
 def gpd_fit(tail: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -87,9 +87,8 @@ def lk_stderr(log_w: torch.Tensor) -> torch.Tensor:
     b1, b2 = block_sizes(k)
     sd_b1 = block_spread(log_w, b1)
     if b2 == b1:
-        rate = torch.full_like(sd_b1, CLT_RATE)
-    else:
-        rate = convergence_rate(sd_b1, block_spread(log_w, b2), b1, b2)
+        return sd_b1 * (b1 / k) ** CLT_RATE
+    rate = convergence_rate(sd_b1, block_spread(log_w, b2), b1, b2)
     return sd_b1 * (b1 / k) ** rate
 
 
