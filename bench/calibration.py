@@ -12,8 +12,9 @@ PSIS k̂ is <= 0.7. docs/service.md quotes the output.
 
 Candidates: ``delta`` (the delta method on the k weights, models/bounds.py, the old estimator), ``batch10``
 (L over 10 blocks of k/10 samples, spread / sqrt(10)), ``bootstrap`` (200 resamples of the k weights),
-``psis-delta`` (the delta method on Pareto-smoothed weights) and ``subsampling`` (models/uncertainty.py:
-block spreads at two block sizes, extrapolated at the measured rate; the one the service reports).
+``psis-delta`` (the delta method on Pareto-smoothed weights), and ``subsampling`` (models/uncertainty.py: the
+spread of L over blocks of k/10 samples carried to k at the average of a measured and a tail-shape rate; the
+one the service reports) with ``sub-measured`` and ``sub-tail``, the same with only one of the two rates.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import torch
 from models.bounds import iwae_bound, iwae_bound_stderr, log_mean_exp
 from models.engine import engine_log_weights, kernels
 from models.psis import RELIABLE_K_HAT, pareto_k, psis
-from models.uncertainty import lk_stderr
+from models.uncertainty import block_sizes, block_spread, convergence_rate, lk_stderr, tail_rate
 from training.checkpoints import load_checkpoint
 from training.datasets import binarize, load_dataset
 
@@ -62,11 +63,25 @@ def psis_delta(log_w: torch.Tensor) -> torch.Tensor:
     return iwae_bound_stderr(psis(log_w)[0])
 
 
+def subsampling_one_rate(log_w: torch.Tensor, which: str) -> torch.Tensor:
+    """The subsampling estimator with only one of its two rates (``measured`` or ``tail``): [k, B] -> [B]."""
+    k = log_w.shape[0]
+    b1, b2 = block_sizes(k)
+    sd_b1 = block_spread(log_w, b1)
+    if which == "tail":
+        rate = tail_rate(pareto_k(log_w))
+    else:
+        rate = convergence_rate(sd_b1, block_spread(log_w, b2), b1, b2)
+    return sd_b1 * (b1 / k) ** rate
+
+
 ESTIMATORS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "delta": iwae_bound_stderr,
     "batch10": batch_means,
     "bootstrap": bootstrap,
     "psis-delta": psis_delta,
+    "sub-measured": lambda log_w: subsampling_one_rate(log_w, "measured"),
+    "sub-tail": lambda log_w: subsampling_one_rate(log_w, "tail"),
     "subsampling": lk_stderr,
 }
 

@@ -380,7 +380,7 @@ def bound_stats(log_w: torch.Tensor) -> BoundStats:
     """Summaries of log_w [k, B]."""
     k_hat = pareto_k(log_w)
     return BoundStats(
-        iwae_bound(log_w), lk_stderr(log_w), effective_sample_size(log_w), elbo(log_w), k_hat, reliable(k_hat)
+        iwae_bound(log_w), lk_stderr(log_w, k_hat), effective_sample_size(log_w), elbo(log_w), k_hat, reliable(k_hat)
     )
 
 

@@ -2,21 +2,27 @@
 
 L_k = log (1/k) Σ w_i. The delta method, sd(w) / (sqrt(k) · mean(w)), assumes the k weights show the spread
 of w; importance weights of a trained IWAE are so heavy-tailed that they rarely do (the weights that would
-show it are too rare to be among the k), and on real MNIST the delta method's error bars are 2–2.6 times too
-small at k = 50, 500 and 5000 (bench/calibration.py; docs/service.md has the table).
+show it are too rare to be among the k), and on real MNIST the delta method's error bars are about half
+the real spread at k = 50, 500 and 5000 (bench/calibration.py; docs/service.md has the table).
 
 The estimator here is subsampling with an estimated rate of convergence (Politis, Romano & Wolf,
-"Subsampling", 1999, ch. 8; Bertail, Politis & Romano 1999): the k weights are cut into blocks of b samples
-and the spread of L_b across blocks measures sd(L_b) directly, in log space, with no assumption on the tail.
-Doing this at two block sizes b2 < b1 measures how fast the spread shrinks, sd(L_b) ∝ b^-γ (γ = 1/2 for
-light tails, less for heavy ones), and extrapolates from b1 to k:
+"Subsampling", 1999, ch. 8; Bertail, Politis & Romano 1999). The k weights are cut into blocks of b samples
+and the spread of L_b across blocks measures sd(L_b) directly, in log space, with no assumption on the tail;
+it is then carried from b1 = k/10 to k with sd(L_b) ∝ b^-γ:
 
-    stderr(L_k) = sd(L_b1) · (b1 / k)^γ,   γ = log(sd(L_b2) / sd(L_b1)) / log(b1 / b2), clipped to [0, 1/2].
+    stderr(L_k) = sd(L_b1) · (b1 / k)^γ,    γ = (γ_measured + γ_tail) / 2.
 
-b1 = k/10 and b2 = b1/10 were chosen by measurement (bench/calibration.py compares the alternatives). The
-spread at each size is averaged over ``PARTITIONS`` fixed partitions of the samples into blocks: the samples
-are i.i.d., so any fixed partition is as good as a random one, and the estimate stays a pure function of
-log w (same weights, same answer).
+- γ_measured = log(sd(L_b2) / sd(L_b1)) / log(b1 / b2) with b2 = b1/10: how fast the spread shrank below b1.
+  With heavy tails the decay slows as blocks grow, so this overstates the decay from b1 to k.
+- γ_tail = 1 - k̂ (k̂ the PSIS tail shape, models/psis.py): a mean of weights with tail shape ξ in (1/2, 1)
+  fluctuates on the scale k^(ξ-1) (stable laws). At practical k the fitted k̂ overstates the tail (k̂ > 1
+  is common although E w = p(x) is finite), so this understates the decay.
+
+Both are clipped to [0, 1/2] (1/2 is the central limit theorem's rate, and both equal it for light tails).
+Either alone was 1.3–2× off on real MNIST; their average was within ~10% in the median (bench/calibration.py
+measures all of these). The spread at each block size is averaged over ``PARTITIONS`` fixed partitions of
+the samples: they are i.i.d., so any fixed partition is as good as a random one, and the estimate stays a
+pure function of log w (same weights, same answer).
 
 Every function takes ``log_w: [k, batch]`` and computes in float64.
 """
@@ -30,6 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from models.bounds import log_mean_exp
+from models.psis import pareto_k
 
 # Blocks at the larger size (b1 = k / BLOCKS) and the ratio of the two block sizes (b2 = b1 / SIZE_RATIO).
 BLOCKS = 10
@@ -76,10 +83,17 @@ def convergence_rate(sd_b1: torch.Tensor, sd_b2: torch.Tensor, b1: int, b2: int)
     return torch.nan_to_num(rate, nan=CLT_RATE).clamp(0.0, CLT_RATE)
 
 
-def lk_stderr(log_w: torch.Tensor) -> torch.Tensor:
+def tail_rate(k_hat: torch.Tensor) -> torch.Tensor:
+    """γ = 1 - k̂ (stable-law scaling of a mean of weights with tail shape k̂), clipped to [0, 1/2];
+    0 where k̂ is undefined (+inf or NaN: too few samples to fit a tail). [batch] -> [batch]."""
+    return torch.nan_to_num(1.0 - k_hat.to(torch.float64), nan=0.0, neginf=0.0).clamp(0.0, CLT_RATE)
+
+
+def lk_stderr(log_w: torch.Tensor, k_hat: torch.Tensor | None = None) -> torch.Tensor:
     """The calibrated Monte Carlo standard error of L_k (see the module docstring): [k, batch] -> [batch].
 
-    NaN for k = 1. For k < 30 there is a single block size (b1 = ⌊k/10⌋ or single samples) and γ = 1/2.
+    ``k_hat`` is the PSIS k̂ of the same weights [batch], if already computed. NaN for k = 1. For k < 30
+    there is one block size only (b1 = max(1, ⌊k/10⌋)) and γ = 1/2.
     """
     k = log_w.shape[0]
     if k < 2:
@@ -88,7 +102,10 @@ def lk_stderr(log_w: torch.Tensor) -> torch.Tensor:
     sd_b1 = block_spread(log_w, b1)
     if b2 == b1:
         return sd_b1 * (b1 / k) ** CLT_RATE
-    rate = convergence_rate(sd_b1, block_spread(log_w, b2), b1, b2)
+    if k_hat is None:
+        k_hat = pareto_k(log_w)
+    measured = convergence_rate(sd_b1, block_spread(log_w, b2), b1, b2)
+    rate = 0.5 * (measured + tail_rate(k_hat).to(sd_b1.device))
     return sd_b1 * (b1 / k) ** rate
 
 
