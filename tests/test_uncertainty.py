@@ -106,7 +106,9 @@ class SyntheticDraw:
 
     def __call__(self, size: int, images: torch.Tensor) -> torch.Tensor:
         self.calls.append((size, images.tolist()))
-        cols = [s * torch.randn(size, generator=g, dtype=torch.float64) for s, g in zip(self.sigmas, self.gens)]
+        cols = [
+            s * torch.randn(size, generator=g, dtype=torch.float64) for s, g in zip(self.sigmas, self.gens, strict=True)
+        ]
         return torch.stack(cols, 1)[:, images]
 
 
