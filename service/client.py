@@ -112,6 +112,9 @@ class LoglikResult:
     ess: np.ndarray
     elbo: np.ndarray
     bits_per_dim: np.ndarray
+    pareto_k: np.ndarray  # PSIS k̂ of each image's weights; NaN where undefined (k < 21)
+    reliable: np.ndarray  # bool: pareto_k <= 0.7
+    k_used: np.ndarray  # int: samples behind each estimate (< k where target_stderr was met earlier)
 
 
 @dataclass
@@ -162,7 +165,7 @@ def _loglik_result(body: dict[str, Any]) -> LoglikResult:
     rows = body["results"]
 
     def col(name: str) -> np.ndarray:
-        return np.array([np.nan if r[name] is None else r[name] for r in rows], dtype=np.float64)
+        return np.array([np.nan if r.get(name) is None else r[name] for r in rows], dtype=np.float64)
 
     return LoglikResult(
         body["model"],
@@ -173,6 +176,9 @@ def _loglik_result(body: dict[str, Any]) -> LoglikResult:
         col("ess"),
         col("elbo"),
         col("bits_per_dim"),
+        col("pareto_k"),
+        np.array([bool(r.get("reliable", False)) for r in rows]),
+        np.array([int(r.get("k_used", body["k"])) for r in rows], dtype=np.int64),
     )
 
 
@@ -278,12 +284,18 @@ class _Base:
     # Request descriptions shared by both clients.
     @staticmethod
     def _loglik_call(
-        images: ImagesLike, k: int, model: str | None, seed: int | None, binarize: str, resize: bool
+        images: ImagesLike,
+        k: int,
+        model: str | None,
+        seed: int | None,
+        binarize: str,
+        resize: bool,
+        target_stderr: float | None = None,
     ) -> _Call:
         return _Call(
             "POST",
             "/loglik",
-            _params(k=k, model=model, seed=seed, binarize=binarize, resize=resize or None),
+            _params(k=k, model=model, seed=seed, binarize=binarize, resize=resize or None, target_stderr=target_stderr),
             _image_payload(images),
         )
 
@@ -359,8 +371,12 @@ class IWAEClient(_Base):
         seed: int | None = None,
         binarize: str = "none",
         resize: bool = False,
+        target_stderr: float | None = None,
     ) -> LoglikResult:
-        return _loglik_result(self._send(self._loglik_call(images, k, model, seed, binarize, resize)).json())
+        """L_k per image; with ``target_stderr`` (nats) the server stops each image's sampling once its
+        standard error is at most that (``k`` is then the cap; ``k_used`` says where each stopped)."""
+        call = self._loglik_call(images, k, model, seed, binarize, resize, target_stderr)
+        return _loglik_result((self._send(call)).json())
 
     def encode(
         self,
@@ -467,8 +483,12 @@ class AsyncIWAEClient(_Base):
         seed: int | None = None,
         binarize: str = "none",
         resize: bool = False,
+        target_stderr: float | None = None,
     ) -> LoglikResult:
-        return _loglik_result((await self._send(self._loglik_call(images, k, model, seed, binarize, resize))).json())
+        """L_k per image; with ``target_stderr`` (nats) the server stops each image's sampling once its
+        standard error is at most that (``k`` is then the cap; ``k_used`` says where each stopped)."""
+        call = self._loglik_call(images, k, model, seed, binarize, resize, target_stderr)
+        return _loglik_result((await self._send(call)).json())
 
     async def encode(
         self,
