@@ -140,6 +140,10 @@ def log_weights_to_target(
 ) -> Adaptive:
     """Draw samples in chunks until each image's ``lk_stderr`` is <= ``target`` or it has ``k_max`` samples.
 
+    An image stops at the total one chunk after the one where it first met the target, if it still meets it
+    there (otherwise it goes on): stopping at the first total that meets it would favour runs that had not
+    yet drawn any large weight, whose L_k is low and whose stderr is small by luck.
+
     ``draw(size, images)`` returns the next ``size`` log-weights of the images whose indices are in
     ``images`` (those still short of the target), [size, len(images)]. For results that do not depend on
     when the other images stopped, it must draw every image's noise each time and keep those columns.
@@ -151,15 +155,21 @@ def log_weights_to_target(
         raise ValueError(f"k_max must be >= 1, got {k_max}")
     finished: dict[int, torch.Tensor] = {}
     active = torch.arange(batch)
+    armed = torch.zeros(batch, dtype=torch.bool)
     log_w = torch.empty(0, batch, dtype=torch.float64)
     for size in chunk_schedule(k_max, start):
         log_w = torch.cat([log_w, draw(size, active).to("cpu", torch.float64)])
-        done = lk_stderr(log_w) <= target
+        met = lk_stderr(log_w) <= target
+        # Stop one chunk after the target is first met, if it still is: the samples that end the run were
+        # drawn after the decision, so runs that met the target early by luck (no large weight yet, hence a
+        # low L_k and a small stderr) do not pull the answers down.
+        done = met & armed
         if log_w.shape[0] >= k_max:
             done[:] = True
+        armed = met
         for col in torch.nonzero(done).flatten().tolist():
             finished[int(active[col])] = log_w[:, col]
-        active, log_w = active[~done], log_w[:, ~done]
+        active, log_w, armed = active[~done], log_w[:, ~done], armed[~done]
         if active.numel() == 0:
             break
     per_image = [finished[i] for i in range(batch)]

@@ -35,11 +35,11 @@ from service.batching import (
     EngineStoppedError,
     Job,
     JobTimeoutError,
-    LoglikStats,
     QueueFullError,
     draw_request_noise,
 )
-from service.inputs import Binarize, InputError, InputSpec, bits_per_dim, read_images
+from service.inputs import Binarize, InputError, InputSpec, read_images
+from service.loglik import LoglikStats, json_rows, loglik_to_target
 from service.metrics import Metrics, MetricsMiddleware
 from service.registry import LoadedModel, ModelRegistry, UnknownModelError
 from service.settings import Settings
@@ -441,6 +441,16 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
         bool, Query(description="Resize uploaded PNG/JPEG images of other sizes to the model's image size.")
     ]
 
+    TargetQ = Annotated[
+        float | None,
+        Query(
+            gt=0,
+            allow_inf_nan=False,
+            description="Nats: sample each image in chunks (100, then doubling) until its standard error is at "
+            "most this, or k (the cap) is reached; `k_used` in each result says where it stopped.",
+        ),
+    ]
+
     def spec(lm: LoadedModel) -> InputSpec:
         return InputSpec(lm.x_dim, lm.image_shape, settings.max_images)
 
@@ -467,11 +477,13 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
         response_model=schemas.LoglikResponse,
         responses=_errors(400, 404, 413, 415, 422, 503, 504),
         openapi_extra=_image_body(x_hint),
-        dependencies=[Depends(_only_params("k", "model", "seed", "binarize", "resize"))],
+        dependencies=[Depends(_only_params("k", "model", "seed", "binarize", "resize", "target_stderr"))],
         summary="L_k log-likelihood estimate per image",
         description="The k-sample importance weighted bound L_k on log p(x) (nats) per image, its Monte Carlo "
         "standard error, the ESS of the normalised weights, the ELBO and bits/dim, from k samples of q(h|x) "
-        "drawn with the seed. Concurrent requests are batched; each gets exactly the answer it would get alone. "
+        "drawn with the seed, and the PSIS reliability diagnostic (pareto_k, reliable). With target_stderr, "
+        "samples are drawn in chunks until each image's standard error is at most that, with k as the cap. "
+        "Concurrent requests are batched; each gets exactly the answer it would get alone. "
         f"503 responses carry Retry-After ({queue_hint} s).",
     )
     async def loglik(
@@ -483,23 +495,22 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
         seed: SeedQ = None,
         binarize: BinarizeQ = Binarize.none,
         resize: ResizeQ = False,
+        target_stderr: TargetQ = None,
     ) -> Response:
         lm = state.loaded(model)
         seed = pick_seed(seed)
         x = await read_images(request, spec(lm), binarize, seed, resize, settings.max_body_bytes)
         check_cost(int(x.shape[0]), k, "k")
         engine = state.engine(lm)
-        stats: LoglikStats = await run(engine, engine.submit_loglik(x, k, seed), request)
-        results = [
-            {
-                "loglik": float(ll),
-                "stderr": _finite(float(se)),
-                "ess": float(ess),
-                "elbo": float(el),
-                "bits_per_dim": bits_per_dim(float(ll), lm.x_dim),
-            }
-            for ll, se, ess, el in zip(stats.loglik, stats.stderr, stats.ess, stats.elbo, strict=True)
-        ]
+        if target_stderr is None:
+            job = engine.submit_loglik(x, k, seed)
+        else:  # runs alone on the engine's thread: the chunks depend on the results so far
+            target, rows = target_stderr, engine.chunk_rows
+            job = engine.submit_call(
+                lambda m: loglik_to_target(m.model, m.device, x, k, seed, target, rows), cost=int(x.shape[0]) * k
+            )
+        stats: LoglikStats = await run(engine, job, request)
+        results = json_rows(stats, lm.x_dim)
         return _json(
             {
                 "model": lm.name,
@@ -507,6 +518,7 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
                 "seed": seed,
                 "binarize": binarize.value,
                 "n_images": len(results),
+                "target_stderr": target_stderr,
                 "results": results,
             }
         )

@@ -24,10 +24,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
 from models.engine import DEFAULT_CHUNK_ROWS, bound_stats, engine_log_weights, rows_for_budget
+from service.loglik import LoglikStats, loglik_stats
 from service.metrics import Metrics
 from service.registry import LoadedModel
 from service.settings import Settings
@@ -82,16 +82,6 @@ class Job:
     # Noise drawn ahead of the batch by the prefetcher (None: not yet; the worker draws it if still None).
     noise: list[torch.Tensor] | None = None
     noise_drawing: threading.Event | None = None
-
-
-@dataclass
-class LoglikStats:
-    """Per-image results of one request (float64 arrays of length n_images)."""
-
-    loglik: np.ndarray
-    stderr: np.ndarray
-    ess: np.ndarray
-    elbo: np.ndarray
 
 
 def draw_request_noise(model: torch.nn.Module, k: int, n: int, seed: int) -> list[torch.Tensor]:
@@ -404,13 +394,11 @@ class BatchingEngine:
         x = x.to(device)
         noise = [e.to(device) for e in noise]
         log_w = engine_log_weights(model, x, noise, chunk_rows=self.chunk_rows)
-        stats = bound_stats(log_w)
-        table = torch.stack([stats.loglik, stats.stderr, stats.ess, stats.elbo]).to("cpu", torch.float64).numpy()
+        stats = loglik_stats(bound_stats(log_w), torch.full((x.shape[0],), k))
         out, start = [], 0
         for xj in xs:
             stop = start + int(xj.shape[0])  # type: ignore[union-attr]
-            part = table[:, start:stop]
-            out.append(LoglikStats(part[0].copy(), part[1].copy(), part[2].copy(), part[3].copy()))
+            out.append(stats.rows(start, stop))
             start = stop
         return out
 

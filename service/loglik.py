@@ -78,8 +78,9 @@ def json_rows(stats: LoglikStats, x_dim: int) -> list[dict[str, Any]]:
 def loglik_to_target(
     model: torch.nn.Module, device: torch.device, x: torch.Tensor, k_max: int, seed: int, target: float, chunk_rows: int
 ) -> LoglikStats:
-    """Per image of x [n, D]: L_k and its statistics with the smallest k of the schedule (100, 200, 400, ...,
-    ``k_max``) at which its calibrated standard error is <= ``target`` nats, or ``k_max``."""
+    """Per image of x [n, D]: L_k and its statistics at the total of the schedule (100, 200, 400, ..., ``k_max``)
+    one chunk after its calibrated standard error first fell to ``target`` nats or below (if it still is
+    there), or at ``k_max`` (see ``log_weights_to_target``)."""
     n = int(x.shape[0])
     gen = torch.Generator().manual_seed(seed)
     x_dev = x.to(device)

@@ -63,7 +63,7 @@ async def test_every_result_has_the_diagnostic_and_k_used(svc: InProcessService,
 
 async def test_target_is_met_or_k_is_at_the_cap(svc: InProcessService, model_dir: Path) -> None:
     x = binary_images(4, seed=2)
-    cap, target = 3000, 0.05
+    cap, target = 3000, 0.2
     params = {"k": cap, "seed": 11, "target_stderr": target}
     r = await svc.client.post("/loglik", params=params, json={"images": x})
     assert r.status_code == 200, r.text
@@ -81,22 +81,25 @@ async def test_target_is_met_or_k_is_at_the_cap(svc: InProcessService, model_dir
     want = loglik_to_target(model, torch.device("cpu"), torch.tensor(x, dtype=torch.float32), cap, 11, target, 2048)
     np.testing.assert_allclose([row["loglik"] for row in body["results"]], want.loglik, rtol=0, atol=1e-9)
     assert [row["k_used"] for row in body["results"]] == want.k_used.tolist()
-    # A target any estimate meets stops after the first chunk; k below the first chunk is one chunk of k.
+    # A target any estimate meets stops after the second chunk (the first meets it, the second confirms);
+    # k below the first chunk is one chunk of k.
     easy = await svc.client.post("/loglik", params={**params, "target_stderr": 1e3}, json={"images": x})
-    assert [row["k_used"] for row in easy.json()["results"]] == [100] * 4
+    assert [row["k_used"] for row in easy.json()["results"]] == [200] * 4
     small = await svc.client.post("/loglik", params={**params, "k": 40}, json={"images": x})
     assert [row["k_used"] for row in small.json()["results"]] == [40] * 4
 
 
 async def test_repeated_seeds_scatter_by_about_the_reported_stderr(svc: InProcessService) -> None:
-    x = binary_images(1, seed=5)
-    target, estimates, reported = 0.1, [], []
+    x = binary_images(1, seed=2)
+    target, cap, estimates, reported, k_used = 0.15, 4000, [], [], []
     for seed in range(30):
-        r = await svc.client.post("/loglik", params={"k": 4000, "seed": seed, "target_stderr": target}, json={"images": x})
-        row = r.json()["results"][0]
-        assert row["stderr"] <= target or row["k_used"] == 4000
+        params = {"k": cap, "seed": seed, "target_stderr": target}
+        row = (await svc.client.post("/loglik", params=params, json={"images": x})).json()["results"][0]
+        assert row["stderr"] <= target or row["k_used"] == cap
         estimates.append(row["loglik"])
         reported.append(row["stderr"])
+        k_used.append(row["k_used"])
+    assert len(set(k_used)) >= 3  # the runs stopped at different k, yet scatter as reported
     ratio = float(np.std(estimates, ddof=1) / np.median(reported))
     assert 0.67 <= ratio <= 1.5, (ratio, estimates, reported)
 
