@@ -34,7 +34,9 @@ from starlette.types import Message
 
 from models.networks import IWAE
 from models.noise import request_noise
+from models.psis import pareto_k, reliable
 from models.rows import concat_terms, image_terms, job_rows, row_log_weights, segmented_bound_stats
+from models.uncertainty import lk_stderr
 from service.fair_jobs import (
     CancelledJobError,
     ClientGoneError,
@@ -376,11 +378,25 @@ class FairScheduler:
             [int(o) + job_rows(j.k, j.n_images, 0, j.rows) for j, o in zip(done, offsets, strict=False)]
         )
         stats = segmented_bound_stats(log_w, segment.to(log_w.device), int(offsets[-1]))
-        table = torch.stack([stats.loglik, stats.stderr, stats.ess, stats.elbo]).cpu().numpy()
+        table = torch.stack([stats.loglik, stats.ess, stats.elbo]).cpu().numpy()
+        row = 0
         for job, lo, hi in zip(done, offsets[:-1], offsets[1:], strict=True):
+            # The error bar and the diagnostic need each image's own k weights: one job has one k.
+            own = log_w[row : row + job.rows].view(job.k, job.n_images)
+            row += job.rows
+            k_hat = pareto_k(own)
+            stderr = lk_stderr(own, k_hat).cpu().numpy()
             job.noise, job.terms, job.log_w = None, None, None  # the job outlives the call: free its memory now
             part = table[:, lo:hi]
-            self._succeed(job, LoglikResult(part[0].copy(), part[1].copy(), part[2].copy(), part[3].copy()))
+            result = LoglikResult(
+                part[0].copy(),
+                stderr,
+                part[1].copy(),
+                part[2].copy(),
+                k_hat.cpu().numpy(),
+                reliable(k_hat).cpu().numpy(),
+            )
+            self._succeed(job, result)
 
     @staticmethod
     def _succeed(job: FairJob, result: Any) -> None:
