@@ -268,7 +268,7 @@ async def test_openapi_documents_every_parameter_and_error(svc: InProcessService
         assert all(p.get("description") for p in op["parameters"]), path
         assert set(op["requestBody"]["content"]) == {"application/json", "multipart/form-data", "application/x-npy"}
     loglik_params = {p["name"] for p in spec["paths"]["/loglik"]["post"]["parameters"]}
-    assert loglik_params == {"k", "model", "seed", "binarize", "resize", "timeout_ms"}
+    assert loglik_params == {"k", "model", "seed", "binarize", "resize", "timeout_ms", "target_stderr"}
     sample = spec["paths"]["/sample"]["get"]
     assert all(p.get("description") for p in sample["parameters"])
     assert (await svc.client.get("/docs")).status_code == 200
