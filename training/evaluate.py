@@ -29,6 +29,7 @@ class EvalResult:
     elbo: float  # mean ELBO from the same samples
     seconds: float
     per_image: torch.Tensor = field(repr=False)  # [N] L_k of each image
+    pareto_k: torch.Tensor | None = field(default=None, repr=False)  # [N] PSIS k̂ of each image
 
     def to_dict(self) -> dict[str, float | int]:
         return {
@@ -98,4 +99,5 @@ def evaluate_dataset(
         elbo=float(el.mean()),
         seconds=time.perf_counter() - start,
         per_image=ll,
+        pareto_k=k_hat,
     )
