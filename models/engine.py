@@ -36,9 +36,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.bounds import effective_sample_size, elbo, iwae_bound, iwae_bound_stderr
+from models.bounds import effective_sample_size, elbo, iwae_bound
 from models.distributions import LOG_2PI, gaussian_log_prob, std_normal_log_prob
 from models.networks import IWAE
+from models.psis import pareto_k, reliable
+from models.uncertainty import lk_stderr
 
 log = logging.getLogger(__name__)
 
@@ -367,14 +369,19 @@ class BoundStats:
     """Per-image results of one k-sample evaluation, all [B]."""
 
     loglik: torch.Tensor  # L_k
-    stderr: torch.Tensor  # delta-method Monte Carlo standard error of L_k
+    stderr: torch.Tensor  # calibrated Monte Carlo standard error of L_k (models/uncertainty.py), float64
     ess: torch.Tensor  # effective sample size of the normalised weights
     elbo: torch.Tensor  # ELBO from the same samples
+    pareto_k: torch.Tensor  # PSIS k̂ of the weights' tail (models/psis.py), float64; +inf for k < 21
+    reliable: torch.Tensor  # bool: pareto_k <= 0.7, i.e. loglik and stderr can be trusted
 
 
 def bound_stats(log_w: torch.Tensor) -> BoundStats:
     """Summaries of log_w [k, B]."""
-    return BoundStats(iwae_bound(log_w), iwae_bound_stderr(log_w), effective_sample_size(log_w), elbo(log_w))
+    k_hat = pareto_k(log_w)
+    return BoundStats(
+        iwae_bound(log_w), lk_stderr(log_w, k_hat), effective_sample_size(log_w), elbo(log_w), k_hat, reliable(k_hat)
+    )
 
 
 def evaluate_batch(

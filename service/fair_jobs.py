@@ -64,9 +64,11 @@ class LoglikResult:
     """Per-image results of one log-likelihood job (float64 arrays of length n_images)."""
 
     loglik: np.ndarray
-    stderr: np.ndarray
+    stderr: np.ndarray  # calibrated Monte Carlo standard error (models/uncertainty.py)
     ess: np.ndarray
     elbo: np.ndarray
+    pareto_k: np.ndarray  # PSIS k̂ (models/psis.py); +inf when k is too small to fit a tail
+    reliable: np.ndarray  # bool: pareto_k <= 0.7
 
 
 @dataclass(eq=False)

@@ -28,13 +28,13 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import InvalidStateError
 from typing import Any
 
-import numpy as np
 import torch
 from starlette.types import Message
 
+from models.engine import bound_stats
 from models.networks import IWAE
 from models.noise import request_noise
-from models.rows import concat_terms, image_terms, job_rows, row_log_weights, segmented_bound_stats
+from models.rows import concat_terms, image_terms, job_rows, row_log_weights
 from service.fair_jobs import (
     CancelledJobError,
     ClientGoneError,
@@ -367,20 +367,13 @@ class FairScheduler:
             pos += b - a
 
     def _settle(self, done: list[FairJob]) -> None:
-        """Per-image statistics of every job this call completed, in one segmented reduction."""
-        if not done:
-            return
-        log_w = torch.cat([j.log_w for j in done]).double()  # type: ignore[misc]
-        offsets = np.cumsum([0] + [j.n_images for j in done])
-        segment = torch.cat(
-            [int(o) + job_rows(j.k, j.n_images, 0, j.rows) for j, o in zip(done, offsets, strict=False)]
-        )
-        stats = segmented_bound_stats(log_w, segment.to(log_w.device), int(offsets[-1]))
-        table = torch.stack([stats.loglik, stats.stderr, stats.ess, stats.elbo]).cpu().numpy()
-        for job, lo, hi in zip(done, offsets[:-1], offsets[1:], strict=True):
+        """Per-image statistics of every job this call completed: one job has one k, so its weights are [k, B]."""
+        for job in done:
+            # Sample-major rows (models.rows.job_rows): row s·B + i is sample s of image i.
+            stats = bound_stats(job.log_w.double().view(job.k, job.n_images))  # type: ignore[union-attr]
             job.noise, job.terms, job.log_w = None, None, None  # the job outlives the call: free its memory now
-            part = table[:, lo:hi]
-            self._succeed(job, LoglikResult(part[0].copy(), part[1].copy(), part[2].copy(), part[3].copy()))
+            cols = [t.cpu().numpy() for t in (stats.loglik, stats.stderr, stats.ess, stats.elbo, stats.pareto_k)]
+            self._succeed(job, LoglikResult(*cols, stats.reliable.cpu().numpy()))
 
     @staticmethod
     def _succeed(job: FairJob, result: Any) -> None:

@@ -15,11 +15,23 @@ class ErrorResponse(BaseModel):
 class ImageLoglik(BaseModel):
     loglik: float = Field(description="L_k estimate of log p(x), nats.")
     stderr: float | None = Field(
-        description="Monte Carlo standard error of `loglik` (delta method on the same k weights; null for k = 1)."
+        description="Monte Carlo standard error of `loglik`: how much it would move with another seed, nats "
+        "(calibrated by measurement, see docs/service.md; null for k = 1)."
     )
     ess: float = Field(description="Effective sample size of the normalised importance weights, in [1, k].")
     elbo: float = Field(description="ELBO (mean log weight) from the same k samples, nats.")
     bits_per_dim: float = Field(description="-loglik / (x_dim · ln 2).")
+    pareto_k: float | None = Field(
+        None,
+        description="PSIS k̂: the fitted Pareto shape of the largest importance weights (how heavy their tail "
+        "is); null for k < 21.",
+    )
+    reliable: bool = Field(
+        False,
+        description="pareto_k <= 0.7. When false a few samples dominate: loglik and stderr can be off by more "
+        "than stderr says.",
+    )
+    k_used: int = Field(0, description="Samples behind this image's numbers: k, or fewer when target_stderr was met.")
     percentile: float | None = Field(
         None,
         description="Percent (0-100) of the model's test images whose L_k is lower than this image's, "
@@ -33,6 +45,7 @@ class LoglikResponse(BaseModel):
     seed: int = Field(description="The seed used (the one sent, or a random one): send it back to get the same answer.")
     binarize: str
     n_images: int
+    target_stderr: float | None = Field(None, description="The requested target standard error, nats (null: none).")
     percentile_k: int | None = Field(
         None,
         description="The k of the test-set quantiles the percentiles compare with: the stored k nearest "

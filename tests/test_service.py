@@ -13,10 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
-from models.bounds import effective_sample_size, elbo, iwae_bound, iwae_bound_stderr
+from models.bounds import effective_sample_size, elbo, iwae_bound
 from models.checkpoint import from_bytes
 from models.engine import bound_stats, engine_log_weights, reference_log_weights
 from models.noise import request_noise
+from models.uncertainty import lk_stderr
 from service.settings import Settings
 from service.testing import InProcessService, serve_in_process, tiny_model, write_checkpoint
 
@@ -69,7 +70,7 @@ async def test_loglik_agrees_with_engine_and_float64_reference(svc: InProcessSer
     np.testing.assert_allclose(got["loglik"], iwae_bound(log_w64).numpy(), rtol=0, atol=2e-3)
     np.testing.assert_allclose(got["elbo"], elbo(log_w64).numpy(), rtol=0, atol=2e-3)
     np.testing.assert_allclose(got["ess"], effective_sample_size(log_w64).numpy(), rtol=1e-3)
-    np.testing.assert_allclose(got["stderr"], iwae_bound_stderr(log_w64).numpy(), rtol=1e-3)
+    np.testing.assert_allclose(got["stderr"], lk_stderr(log_w64).numpy(), rtol=1e-3)
     bpd = np.array([row["bits_per_dim"] for row in body["results"]])
     np.testing.assert_allclose(bpd, -iwae_bound(log_w64).numpy() / (784 * math.log(2)), rtol=1e-5)
 
@@ -267,7 +268,7 @@ async def test_openapi_documents_every_parameter_and_error(svc: InProcessService
         assert all(p.get("description") for p in op["parameters"]), path
         assert set(op["requestBody"]["content"]) == {"application/json", "multipart/form-data", "application/x-npy"}
     loglik_params = {p["name"] for p in spec["paths"]["/loglik"]["post"]["parameters"]}
-    assert loglik_params == {"k", "model", "seed", "binarize", "resize", "timeout_ms"}
+    assert loglik_params == {"k", "model", "seed", "binarize", "resize", "timeout_ms", "target_stderr"}
     sample = spec["paths"]["/sample"]["get"]
     assert all(p.get("description") for p in sample["parameters"])
     assert (await svc.client.get("/docs")).status_code == 200

@@ -224,7 +224,13 @@ PARAM_CASES: list[tuple[str, str, int, str, list[str]]] = [
         ["binarize", "'threshold'", "'otsu'"],
     ),
     ("unknown resize value", "/loglik?resize=maybe", 422, "invalid_parameter", ["resize"]),
-    ("unknown parameter name", "/loglik?K=10", 422, "unknown_parameter", ["K", "binarize, k, model, resize, seed"]),
+    (
+        "unknown parameter name",
+        "/loglik?K=10",
+        422,
+        "unknown_parameter",
+        ["K", "binarize, k, model, resize, seed, target_stderr"],
+    ),
     ("unknown model", "/loglik?model=nope", 404, "unknown_model", ["'nope'", "tiny"]),
     (
         "images × k over the request limit",

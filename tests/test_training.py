@@ -140,7 +140,12 @@ def test_eval_command_matches_the_engine_and_updates_the_card(tmp_path: Path, ca
     stats = bound_stats(engine_log_weights(model, x, noise))
     assert out["loglik"] == pytest.approx(float(stats.loglik.double().mean()), abs=1e-4)
     assert out["elbo"] == pytest.approx(float(stats.elbo.double().mean()), abs=1e-4)
+    # The Monte Carlo stderr and the reliability verdicts are the service's, image by image.
+    assert out["mc_stderr"] == pytest.approx(float(stats.stderr.pow(2).mean().sqrt()), rel=1e-4)
+    assert out["unreliable_fraction"] == pytest.approx(float((~stats.reliable).double().mean()))
+    assert out["median_pareto_k"] == pytest.approx(float(stats.pareto_k.median()), abs=1e-4)
     assert card["eval"]["test"]["loglik"] == out["loglik"]
+    assert card["eval"]["test"]["unreliable_fraction"] == out["unreliable_fraction"]
     assert card["eval"]["test"]["epochs_at_eval"] == card["epochs"] == 1
     assert len(card["eval"]["test"]["active_units"]) == 1
 

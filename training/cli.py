@@ -99,6 +99,8 @@ def _cmd_eval(a: argparse.Namespace) -> int:
         print(
             f"{cfg.ckpt.name}: {cfg.split} L_{cfg.k} = {r['loglik']:.3f} ± {r['loglik_stderr']:.3f} nats "
             f"(NLL {-r['loglik']:.3f}; over {r['n_images']} images), ELBO = {r['elbo']:.3f}, "
+            f"Monte Carlo stderr {r['mc_stderr']:.3f} (RMS per image), "
+            f"{100 * r['unreliable_fraction']:.1f}% of images unreliable (PSIS k̂ > 0.7), "
             f"active units {r['active_units']} (A_u > {r['active_units_threshold']}, "
             f"{r['active_units_images']} training images), {r['seconds']:.1f} s"
         )

@@ -25,6 +25,7 @@ import torch
 
 from models.checkpoint import from_bytes, to_bytes
 from models.networks import IWAE
+from models.psis import reliable
 from training.evaluate import DEFAULT_MEMORY_BYTES, EvalResult, evaluate_dataset, images_per_batch
 
 R = TypeVar("R")
@@ -105,6 +106,7 @@ def evaluate_shard(task: ShardTask) -> dict[str, Any]:
     return {
         "n": res.n_images,
         "per_image": res.per_image.numpy(),
+        "pareto_k": res.pareto_k.numpy(),  # type: ignore[union-attr]
         "elbo": res.elbo,
         "mc_stderr": res.mc_stderr,
         "seconds": res.seconds,
@@ -114,6 +116,7 @@ def evaluate_shard(task: ShardTask) -> dict[str, Any]:
 def merge_shards(parts: Sequence[dict[str, Any]], k: int, seconds: float) -> EvalResult:
     """Shard results in data-set order -> the EvalResult a local run gives (see the module docstring)."""
     ll = torch.from_numpy(np.concatenate([p["per_image"] for p in parts])).double()
+    k_hat = torch.from_numpy(np.concatenate([p["pareto_k"] for p in parts]))
     n = ll.numel()
     weights = [p["n"] / n for p in parts]
     return EvalResult(
@@ -122,9 +125,12 @@ def merge_shards(parts: Sequence[dict[str, Any]], k: int, seconds: float) -> Eva
         loglik=float(ll.mean()),
         loglik_stderr=float(ll.std() / math.sqrt(n)) if n > 1 else float("nan"),
         mc_stderr=math.sqrt(sum(w * p["mc_stderr"] ** 2 for w, p in zip(weights, parts, strict=True))),
+        unreliable_fraction=float((~reliable(k_hat)).double().mean()),
+        median_pareto_k=float(k_hat.median()),
         elbo=sum(w * p["elbo"] for w, p in zip(weights, parts, strict=True)),
         seconds=seconds,
         per_image=ll,
+        pareto_k=k_hat,
     )
 
 

@@ -12,6 +12,7 @@ from tqdm import tqdm
 from models.engine import bound_stats, chunk_rows_for, engine_log_weights
 from models.networks import IWAE
 from models.noise import seeded_generator
+from models.psis import reliable
 
 DEFAULT_MEMORY_BYTES = 512 * 2**20
 
@@ -22,10 +23,13 @@ class EvalResult:
     n_images: int
     loglik: float  # mean L_k over images (nats)
     loglik_stderr: float  # standard error of that mean over the data set
-    mc_stderr: float  # root mean square of the per-image Monte Carlo standard errors
+    mc_stderr: float  # root mean square of the per-image calibrated Monte Carlo standard errors
+    unreliable_fraction: float  # fraction of images whose PSIS k̂ > 0.7 (their L_k and stderr not trusted)
+    median_pareto_k: float  # median over images of the PSIS k̂
     elbo: float  # mean ELBO from the same samples
     seconds: float
     per_image: torch.Tensor = field(repr=False)  # [N] L_k of each image
+    pareto_k: torch.Tensor | None = field(default=None, repr=False)  # [N] PSIS k̂ of each image
 
     def to_dict(self) -> dict[str, float | int]:
         return {
@@ -35,6 +39,8 @@ class EvalResult:
             "nll": -self.loglik,
             "loglik_stderr": self.loglik_stderr,
             "mc_stderr": self.mc_stderr,
+            "unreliable_fraction": self.unreliable_fraction,
+            "median_pareto_k": self.median_pareto_k,
             "elbo": self.elbo,
             "seconds": round(self.seconds, 2),
         }
@@ -66,7 +72,7 @@ def evaluate_dataset(
     gen = generator if generator is not None else seeded_generator(torch.device("cpu"), seed)
     per_batch = images_per_batch(model, k, memory_bytes)
     chunk_rows = chunk_rows_for(model, device, memory_bytes // 2)
-    lls, mcs, elbos = [], [], []
+    lls, mcs, elbos, khats = [], [], [], []
     start = time.perf_counter()
     with tqdm(total=x.shape[0], unit="img", disable=not progress, desc=f"L_{k}") as bar:
         for i in range(0, x.shape[0], per_batch):
@@ -76,8 +82,10 @@ def evaluate_dataset(
             lls.append(stats.loglik.cpu())
             mcs.append(stats.stderr.cpu())
             elbos.append(stats.elbo.cpu())
+            khats.append(stats.pareto_k.cpu())
             bar.update(xb.shape[0])
     ll, mc, el = torch.cat(lls).double(), torch.cat(mcs).double(), torch.cat(elbos).double()
+    k_hat = torch.cat(khats)
     n = ll.numel()
     se = float(ll.std() / math.sqrt(n)) if n > 1 else float("nan")
     return EvalResult(
@@ -86,7 +94,10 @@ def evaluate_dataset(
         loglik=float(ll.mean()),
         loglik_stderr=se,
         mc_stderr=float(torch.sqrt((mc.nan_to_num(0.0) ** 2).mean())),
+        unreliable_fraction=float((~reliable(k_hat)).double().mean()),
+        median_pareto_k=float(k_hat.median()),
         elbo=float(el.mean()),
         seconds=time.perf_counter() - start,
         per_image=ll,
+        pareto_k=k_hat,
     )

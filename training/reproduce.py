@@ -8,6 +8,7 @@ the typed configs (``train(TrainConfig)``, ``evaluate_checkpoint(EvalConfig)``),
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shlex
 import sys
@@ -201,7 +202,7 @@ def _table1_on_ray(rows: list[Row], plan: Plan, a: argparse.Namespace) -> int:
     """Every row a Ray task writing into --out-dir, a folder every node shares; the table is rewritten here."""
     from training.distributed import connect, run_grid_on_ray
 
-    plan.out_dir = plan.out_dir.resolve()
+    plan = dataclasses.replace(plan, out_dir=plan.out_dir.resolve())  # every node sees the same absolute path
     connect(a.ray)
     run_grid_on_ray(
         rows,

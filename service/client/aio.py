@@ -69,8 +69,11 @@ class AsyncIWAEClient(ClientBase):
         seed: int | None = None,
         binarize: str = "none",
         resize: bool = False,
+        target_stderr: float | None = None,
     ) -> LoglikResult:
-        return loglik_result((await self._send(self._loglik_call(images, k, model, seed, binarize, resize))).json())
+        return loglik_result(
+            (await self._send(self._loglik_call(images, k, model, seed, binarize, resize, target_stderr))).json()
+        )
 
     async def encode(
         self,

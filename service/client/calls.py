@@ -88,12 +88,20 @@ class ClientBase:
     # Request descriptions shared by both clients.
     @staticmethod
     def _loglik_call(
-        images: ImagesLike, k: int, model: str | None, seed: int | None, binarize: str, resize: bool
+        images: ImagesLike,
+        k: int,
+        model: str | None,
+        seed: int | None,
+        binarize: str,
+        resize: bool,
+        target_stderr: float | None = None,
     ) -> Call:
         return Call(
             "POST",
             "/loglik",
-            query_params(k=k, model=model, seed=seed, binarize=binarize, resize=resize or None),
+            query_params(
+                k=k, model=model, seed=seed, binarize=binarize, resize=resize or None, target_stderr=target_stderr
+            ),
             image_payload(images),
         )
 

@@ -18,6 +18,9 @@ class LoglikResult:
     ess: np.ndarray
     elbo: np.ndarray
     bits_per_dim: np.ndarray
+    pareto_k: np.ndarray  # PSIS k̂ of each image's weights; NaN where undefined (k < 21)
+    reliable: np.ndarray  # bool: pareto_k <= 0.7 (the estimate and its stderr can be trusted)
+    k_used: np.ndarray  # int: samples behind each estimate (< k where target_stderr was met earlier)
     # Percent of the model's test images with a lower L_k (at percentile_k); None when the card has no quantiles.
     percentile: np.ndarray | None = None
     percentile_k: int | None = None
@@ -71,7 +74,7 @@ def loglik_result(body: dict[str, Any]) -> LoglikResult:
     rows = body["results"]
 
     def col(name: str) -> np.ndarray:
-        return np.array([np.nan if r[name] is None else r[name] for r in rows], dtype=np.float64)
+        return np.array([np.nan if r.get(name) is None else r[name] for r in rows], dtype=np.float64)
 
     return LoglikResult(
         body["model"],
@@ -82,6 +85,9 @@ def loglik_result(body: dict[str, Any]) -> LoglikResult:
         col("ess"),
         col("elbo"),
         col("bits_per_dim"),
+        col("pareto_k"),
+        np.array([bool(r.get("reliable", False)) for r in rows]),
+        np.array([int(r.get("k_used", body["k"])) for r in rows], dtype=np.int64),
         col("percentile") if body.get("percentile_k") is not None else None,
         body.get("percentile_k"),
     )

@@ -23,7 +23,7 @@ collect_ignore_glob = [] if INSIDE else ["test_*.py"]
 
 LOOPBACK = "127.0.0.1"
 APP = "iwae"
-SETTINGS = {"default_model": "tiny", "device": "cpu", "threads": 1, "max_wait_ms": 2.0}
+SETTINGS = {"default_model": "tiny", "device": "cpu", "threads": 1}
 
 
 @dataclass

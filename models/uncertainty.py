@@ -1,0 +1,176 @@
+"""A calibrated Monte Carlo standard error for L_k, and L_k to a requested precision.
+
+L_k = log (1/k) Σ w_i. The delta method, sd(w) / (sqrt(k) · mean(w)), assumes the k weights show the spread
+of w; importance weights of a trained IWAE are so heavy-tailed that they rarely do (the weights that would
+show it are too rare to be among the k), and on real MNIST the delta method's error bars are about half
+the real spread at k = 50, 500 and 5000 (bench/calibration.py; docs/service.md has the table).
+
+The estimator here is subsampling with an estimated rate of convergence (Politis, Romano & Wolf,
+"Subsampling", 1999, ch. 8; Bertail, Politis & Romano 1999). The k weights are cut into blocks of b samples
+and the spread of L_b across blocks measures sd(L_b) directly, in log space, with no assumption on the tail;
+it is then carried from b1 = k/10 to k with sd(L_b) ∝ b^-γ:
+
+    stderr(L_k) = sd(L_b1) · (b1 / k)^γ,    γ = (γ_measured + γ_tail) / 2.
+
+- γ_measured = log(sd(L_b2) / sd(L_b1)) / log(b1 / b2) with b2 = b1/10: how fast the spread shrank below b1.
+  With heavy tails the decay slows as blocks grow, so this overstates the decay from b1 to k.
+- γ_tail = 1 - k̂ (k̂ the PSIS tail shape, models/psis.py): a mean of weights with tail shape ξ in (1/2, 1)
+  fluctuates on the scale k^(ξ-1) (stable laws). At practical k the fitted k̂ overstates the tail (k̂ > 1
+  is common although E w = p(x) is finite), so this understates the decay.
+
+Both are clipped to [0, 1/2] (1/2 is the central limit theorem's rate, and both equal it for light tails).
+Either alone was 1.3–2× off on real MNIST; their average was within ~10% in the median (bench/calibration.py
+measures all of these). The spread at each block size is averaged over ``PARTITIONS`` fixed partitions of
+the samples: they are i.i.d., so any fixed partition is as good as a random one, and the estimate stays a
+pure function of log w (same weights, same answer).
+
+Every function takes ``log_w: [k, batch]`` and computes in float64.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from models.bounds import log_mean_exp
+from models.psis import pareto_k
+
+# Blocks at the larger size (b1 = k / BLOCKS) and the ratio of the two block sizes (b2 = b1 / SIZE_RATIO).
+BLOCKS = 10
+SIZE_RATIO = 10
+# Partitions of the k samples into blocks whose spreads are averaged (the first is the natural order).
+PARTITIONS = 8
+# The fastest a standard error can shrink with k (the central limit theorem's rate).
+CLT_RATE = 0.5
+
+
+def block_sizes(k: int) -> tuple[int, int]:
+    """(b1, b2): the two block sizes for k samples; b2 == b1 when k is too small for two (k < 30)."""
+    b1 = max(1, k // BLOCKS)
+    b2 = max(2, b1 // SIZE_RATIO) if b1 > 2 else b1
+    return b1, b2
+
+
+def _partition(k: int, index: int) -> torch.Tensor:
+    """The index-th fixed permutation of range(k) (the identity for index 0)."""
+    if index == 0:
+        return torch.arange(k)
+    return torch.randperm(k, generator=torch.Generator().manual_seed(index))
+
+
+def block_spread(log_w: torch.Tensor, block: int, partitions: int = PARTITIONS) -> torch.Tensor:
+    """sd(L_b) for b = ``block``, from the k samples cut into ⌊k / b⌋ disjoint blocks of b, the variance across
+    blocks averaged over ``partitions`` fixed partitions: [k, batch] -> [batch] (float64)."""
+    x = log_w.to(torch.float64)
+    k, batch = x.shape
+    m = k // block
+    if m < 2:
+        raise ValueError(f"need at least two blocks of {block} samples, got k = {k}")
+    variances = []
+    for p in range(partitions):
+        idx = _partition(k, p)[: m * block].to(x.device)
+        l_b = log_mean_exp(x[idx].reshape(m, block, batch), dim=1)  # [m, batch]
+        variances.append(l_b.var(0))
+    return torch.stack(variances).mean(0).sqrt()
+
+
+def convergence_rate(sd_b1: torch.Tensor, sd_b2: torch.Tensor, b1: int, b2: int) -> torch.Tensor:
+    """γ with sd(L_b) ∝ b^-γ between b2 < b1, clipped to [0, 1/2]; 1/2 where undefined. [batch] -> [batch]."""
+    rate = torch.log(sd_b2 / sd_b1) / math.log(b1 / b2)
+    return torch.nan_to_num(rate, nan=CLT_RATE).clamp(0.0, CLT_RATE)
+
+
+def tail_rate(k_hat: torch.Tensor) -> torch.Tensor:
+    """γ = 1 - k̂ (stable-law scaling of a mean of weights with tail shape k̂), clipped to [0, 1/2];
+    0 where k̂ is undefined (+inf or NaN: too few samples to fit a tail). [batch] -> [batch]."""
+    return torch.nan_to_num(1.0 - k_hat.to(torch.float64), nan=0.0, neginf=0.0).clamp(0.0, CLT_RATE)
+
+
+def lk_stderr(log_w: torch.Tensor, k_hat: torch.Tensor | None = None) -> torch.Tensor:
+    """The calibrated Monte Carlo standard error of L_k (see the module docstring): [k, batch] -> [batch].
+
+    ``k_hat`` is the PSIS k̂ of the same weights [batch], if already computed. NaN for k = 1. For k < 30
+    there is one block size only (b1 = max(1, ⌊k/10⌋)) and γ = 1/2.
+    """
+    k = log_w.shape[0]
+    if k < 2:
+        return torch.full(log_w.shape[1:], math.nan, dtype=torch.float64, device=log_w.device)
+    b1, b2 = block_sizes(k)
+    sd_b1 = block_spread(log_w, b1)
+    if b2 == b1:
+        return sd_b1 * (b1 / k) ** CLT_RATE
+    if k_hat is None:
+        k_hat = pareto_k(log_w)
+    measured = convergence_rate(sd_b1, block_spread(log_w, b2), b1, b2)
+    rate = 0.5 * (measured + tail_rate(k_hat).to(sd_b1.device))
+    return sd_b1 * (b1 / k) ** rate
+
+
+# --- L_k to a requested precision ----------------------------------------------------------------------
+
+# The first chunk of samples per image; each later chunk doubles the total, up to the request's cap.
+START_K = 100
+
+DrawLogWeights = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Adaptive:
+    """Per image: its log-weights (a list: images stop at different k) and the k each used ([batch])."""
+
+    log_w: list[torch.Tensor]  # each [k_used_i]
+    k_used: torch.Tensor
+
+
+def chunk_schedule(k_max: int, start: int = START_K) -> list[int]:
+    """Sizes of the chunks drawn: start, then doubling the running total, the last one stopping at k_max."""
+    sizes, total = [], 0
+    while total < k_max:
+        size = min(k_max - total, max(start, total) if total else start)
+        sizes.append(size)
+        total += size
+    return sizes
+
+
+def log_weights_to_target(
+    draw: DrawLogWeights, batch: int, k_max: int, target: float, start: int = START_K
+) -> Adaptive:
+    """Draw samples in chunks until each image's ``lk_stderr`` is <= ``target`` or it has ``k_max`` samples.
+
+    An image stops at the total one chunk after the one where it first met the target, if it still meets it
+    there (otherwise it goes on): stopping at the first total that meets it would favour runs that had not
+    yet drawn any large weight, whose L_k is low and whose stderr is small by luck.
+
+    ``draw(size, images)`` returns the next ``size`` log-weights of the images whose indices are in
+    ``images`` (those still short of the target), [size, len(images)]. For results that do not depend on
+    when the other images stopped, it must draw every image's noise each time and keep those columns.
+    The images still drawing have all received every chunk, so they share one [k, n_active] tensor.
+    """
+    if not target > 0 or not math.isfinite(target):
+        raise ValueError(f"target must be a positive number of nats, got {target}")
+    if k_max < 1:
+        raise ValueError(f"k_max must be >= 1, got {k_max}")
+    finished: dict[int, torch.Tensor] = {}
+    active = torch.arange(batch)
+    armed = torch.zeros(batch, dtype=torch.bool)
+    log_w = torch.empty(0, batch, dtype=torch.float64)
+    for size in chunk_schedule(k_max, start):
+        log_w = torch.cat([log_w, draw(size, active).to("cpu", torch.float64)])
+        met = lk_stderr(log_w) <= target
+        # Stop one chunk after the target is first met, if it still is: the samples that end the run were
+        # drawn after the decision, so runs that met the target early by luck (no large weight yet, hence a
+        # low L_k and a small stderr) do not pull the answers down.
+        done = met & armed
+        if log_w.shape[0] >= k_max:
+            done[:] = True
+        armed = met
+        for col in torch.nonzero(done).flatten().tolist():
+            finished[int(active[col])] = log_w[:, col]
+        active, log_w, armed = active[~done], log_w[:, ~done], armed[~done]
+        if active.numel() == 0:
+            break
+    per_image = [finished[i] for i in range(batch)]
+    return Adaptive(per_image, torch.tensor([lw.shape[0] for lw in per_image]))
