@@ -128,7 +128,19 @@ def test_eval_command_matches_the_engine_and_updates_the_card(tmp_path: Path, ca
     ckpt = tmp_path / "m.safetensors"
     train(TrainConfig(out=ckpt, k=2, epochs=1, max_train_images=400, val_k=5, progress=False), load_dataset("mnist"))
     hist = tmp_path / "au.png"
-    args = ["eval", str(ckpt), "--k", "64", "--max-images", "12", "--seed", "7", "--json", "--update-card"]
+    args = [
+        "eval",
+        str(ckpt),
+        "--k",
+        "64",
+        "--max-images",
+        "12",
+        "--seed",
+        "7",
+        "--json",
+        "--update-card",
+        "--quantiles",
+    ]
     assert cli_main([*args, "--histogram", str(hist), "--no-progress", "--au-images", "50"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["n_images"] == 12 and out["k"] == 64 and hist.stat().st_size > 0
@@ -148,6 +160,12 @@ def test_eval_command_matches_the_engine_and_updates_the_card(tmp_path: Path, ca
     assert card["eval"]["test"]["unreliable_fraction"] == out["unreliable_fraction"]
     assert card["eval"]["test"]["epochs_at_eval"] == card["epochs"] == 1
     assert len(card["eval"]["test"]["active_units"]) == 1
+    # --quantiles: the per-image L_k quantiles at k=64 (the same images) and at k=50, for the service's percentiles.
+    q = card["eval"]["test"]["quantiles"]
+    assert set(q["by_k"]) == {"64", "50"} and len(q["probs"]) == len(q["by_k"]["64"]) == 101
+    assert q["by_k"]["64"][0] == pytest.approx(float(stats.loglik.double().min()), abs=1e-4)
+    assert q["by_k"]["64"][-1] == pytest.approx(float(stats.loglik.double().max()), abs=1e-4)
+    assert q["by_k"]["64"][50] == pytest.approx(float(stats.loglik.double().quantile(0.5)), abs=1e-4)
 
 
 def test_cli_reports_bad_input_without_traceback(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

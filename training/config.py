@@ -115,6 +115,13 @@ class EvalConfig:
     )
     update_card: bool = field(default=False, metadata=arg("store the results in the model card"))
     progress: bool = field(default=True, metadata=arg("no progress bar", flag="--no-progress"))
+    quantiles: bool = field(
+        default=False,
+        metadata=arg(
+            "with --update-card: also store the quantiles of the per-image L_k at --k and at k=50 (the service's "
+            "percentiles)"
+        ),
+    )
     ray: str | None = field(
         default=None, metadata=arg("evaluate in shards on this Ray cluster (auto, HOST:PORT, ray://...)")
     )

@@ -14,6 +14,7 @@ from models.checkpoint import finite_or_none
 from models.device import resolve_device
 from models.networks import IWAE
 from models.noise import seeded_generator
+from models.percentiles import STANDARD_PROBS, test_quantiles
 from models.posterior import ACTIVE_UNIT_THRESHOLD, active_unit_variances, count_active
 from training.checkpoints import load_checkpoint, update_card
 from training.config import EvalConfig
@@ -23,6 +24,8 @@ from training.plots import plot_active_units
 from training.provenance import hardware
 
 SUBSET = 500
+# The second k whose quantiles a card stores (the service's cheap scoring k).
+QUANTILE_SMALL_K = 50
 
 
 @dataclass
@@ -91,6 +94,16 @@ def _evaluate_on_ray(model: IWAE, x: torch.Tensor, cfg: EvalConfig, device: torc
     )  # fmt: skip
 
 
+def _quantiles(model: IWAE, x: torch.Tensor, cfg: EvalConfig, res: EvalResult) -> dict[str, Any]:
+    """The card's quantiles of per-image L_k on the split (models/percentiles.py): at cfg.k and at k=50, so that
+    the service compares a request with the stored k nearest to its own (L_k is biased low for small k)."""
+    by_k = {str(cfg.k): test_quantiles(res.per_image)}
+    if cfg.k != QUANTILE_SMALL_K:
+        small = evaluate_dataset(model, x, QUANTILE_SMALL_K, seed=cfg.seed, memory_bytes=cfg.memory_mb * 2**20)
+        by_k[str(QUANTILE_SMALL_K)] = test_quantiles(small.per_image)
+    return {"probs": list(STANDARD_PROBS), "by_k": by_k}
+
+
 def evaluate_checkpoint(cfg: EvalConfig) -> EvalReport:
     """Evaluate ``cfg.ckpt``, draw its log A_u histogram, and (with ``update_card``) store the report in its card."""
     device = resolve_device(cfg.device)
@@ -124,5 +137,7 @@ def evaluate_checkpoint(cfg: EvalConfig) -> EvalReport:
     if cfg.update_card:
         evals = dict(card.get("eval") or {})
         evals[cfg.split] = {k: v for k, v in report.to_dict().items() if k != "histogram"}
+        if cfg.quantiles:
+            evals[cfg.split]["quantiles"] = _quantiles(model, x, cfg, res)
         update_card(cfg.ckpt, {"eval": evals})
     return report
