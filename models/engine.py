@@ -288,6 +288,24 @@ def engine_log_weights(
     return _log_weights_chunked(model, x, noise, max(1, chunk_rows // batch))
 
 
+def upper_layers(
+    model: IWAE, h1: torch.Tensor, eps: list[torch.Tensor]
+) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """The samples of every layer from h_1 [..., d_1] and the noise of the layers above (eps[l]: [..., d_l]),
+    and the upper layers' terms of log w (their log p(h_l | h_{l+1}) − log q(h_{l+1} | h_l) up to constants;
+    None for one layer). Shared by the chunked engine and the row engine (models/rows.py)."""
+    hs, upper = [h1], None
+    for layer, e in zip(model.q[1:], eps[1:], strict=True):
+        mean, log_std = layer(hs[-1])
+        hs.append(torch.addcmul(mean, torch.exp(log_std), e))
+        term = 0.5 * (e * e).sum(-1) + log_std.sum(-1)
+        upper = term if upper is None else upper + term
+    for layer_idx in range(1, model.config.n_layers):
+        mean, log_std = model.p[layer_idx](hs[layer_idx])
+        upper = upper + gaussian_log_prob(hs[layer_idx - 1], mean, log_std)  # type: ignore[operator]
+    return hs, upper
+
+
 def _log_weights_chunked(model: IWAE, x: torch.Tensor, noise: list[torch.Tensor], chunk: int) -> torch.Tensor:
     """engine_log_weights for ``chunk`` samples of every image at a time."""
     cfg = model.config
@@ -325,16 +343,7 @@ def _log_weights_chunked(model: IWAE, x: torch.Tensor, noise: list[torch.Tensor]
         stop = min(k, start + chunk)
         c, r = stop - start, (stop - start) * batch
         eps = [e[start:stop] for e in noise]
-        hs = [torch.addcmul(q0_mean, q0_std, eps[0], out=h_buf[:c])]  # [c, B, d_1]
-        upper = None  # the upper layers' terms of log w, for deeper models
-        for layer, e in zip(model.q[1:], eps[1:], strict=True):
-            mean, log_std = layer(hs[-1])
-            hs.append(torch.addcmul(mean, torch.exp(log_std), e))
-            term = 0.5 * (e * e).sum(-1) + log_std.sum(-1)
-            upper = term if upper is None else upper + term
-        for layer_idx in range(1, cfg.n_layers):
-            mean, log_std = model.p[layer_idx](hs[layer_idx])
-            upper = upper + gaussian_log_prob(hs[layer_idx - 1], mean, log_std)
+        hs, upper = upper_layers(model, torch.addcmul(q0_mean, q0_std, eps[0], out=h_buf[:c]), eps)  # h_1: [c, B, d_1]
         # Bottom decoder: matmuls into preallocated buffers, in-place bias + tanh, one fused pass at the end.
         a = hs[0].view(r, -1)
         for lin, w_t, buf in zip(hidden, weights_t, hid_bufs, strict=True):

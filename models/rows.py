@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from models.distributions import LOG_2PI, gaussian_log_prob
-from models.engine import BoundStats, _row_terms_plain, kernels
+from models.distributions import LOG_2PI
+from models.engine import BoundStats, _row_terms_plain, kernels, upper_layers
 from models.networks import IWAE
 from models.psis import pareto_k, reliable
 from models.uncertainty import lk_stderr
@@ -67,16 +67,9 @@ def row_log_weights(model: IWAE, terms: ImageTerms, image: torch.Tensor, noise: 
             f"noise must be [{rows}, d_l] for d_l in {cfg.latent_dims}, got {[list(e.shape) for e in noise]}"
         )
     eps = [e.contiguous() for e in noise]  # the compiled kernel wants plain contiguous inference tensors
-    hs = [torch.addcmul(terms.q0_mean[image], terms.q0_std[image], eps[0])]  # [R, d_1]
-    upper: torch.Tensor | None = None  # deeper models: the upper layers' terms of log w
-    for layer, e in zip(model.q[1:], eps[1:], strict=True):
-        mean, log_std = layer(hs[-1])
-        hs.append(torch.addcmul(mean, torch.exp(log_std), e))
-        term = 0.5 * (e * e).sum(-1) + log_std.sum(-1)
-        upper = term if upper is None else upper + term
-    for layer_idx in range(1, cfg.n_layers):
-        mean, log_std = model.p[layer_idx](hs[layer_idx])
-        upper = upper + gaussian_log_prob(hs[layer_idx - 1], mean, log_std)  # type: ignore[operator]
+    hs, upper = upper_layers(
+        model, torch.addcmul(terms.q0_mean[image], terms.q0_std[image], eps[0]), eps
+    )  # h_1: [R, d_1]
     decoder = model.p[0]
     a = hs[0]
     for lin in decoder.hidden.layers:
