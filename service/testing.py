@@ -7,8 +7,13 @@ async with serve_in_process(Settings(models=[tmp_dir], default_model="tiny")) as
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,3 +89,35 @@ async def serve_in_process(
                     raise TimeoutError("in-process service not ready")
                 await asyncio.sleep(0.005)
             yield InProcessService(app, client, transport)
+
+
+@contextmanager
+def service_process(env: dict[str, str], log: Path, ready_timeout: float = 120.0) -> Iterator[str]:
+    """`python -m service` on a free loopback port, with the caller's `IWAE_*` settings only (none inherited):
+    yields its URL once /readyz says ready, then stops it with SIGTERM. Its output goes to ``log``."""
+    from service.client import IWAEClient
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("IWAE_")}, **env}
+    cmd = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port)]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            cmd, cwd=Path(__file__).resolve().parents[1], env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        with IWAEClient(url) as c:
+            try:
+                c.wait_ready(timeout=ready_timeout)
+            except TimeoutError:
+                raise AssertionError(f"server not ready; its log:\n{log.read_text()}") from None
+        yield url
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

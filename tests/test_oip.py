@@ -5,11 +5,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,20 +14,13 @@ import pytest
 import torch
 
 from models import percentiles
-from service.client import IWAEClient
-from service.testing import tiny_model, write_checkpoint
+from service.testing import service_process, tiny_model, write_checkpoint
 
 httpclient = pytest.importorskip("tritonclient.http", reason="tritonclient[http] is not installed (dev extra)")
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUTS = ("loglik", "stderr", "ess", "elbo", "bits_per_dim", "percentile")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +34,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     quantiles = {"probs": list(percentiles.STANDARD_PROBS), "by_k": {"40": percentiles.test_quantiles(ll)}}
     write_checkpoint(folder / "tiny.safetensors", model, {"eval": {"test": {"quantiles": quantiles}}})
     write_checkpoint(folder / "plain.safetensors", tiny_model(seed=4))
-    port = _free_port()
     env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("IWAE_")},
         "IWAE_MODELS": str(folder),
         "IWAE_DEFAULT_MODEL": "tiny",
         "IWAE_DEVICE": "cpu",
@@ -57,24 +43,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         "IWAE_MAX_IMAGES": "50",
     }
     log = tmp_path_factory.mktemp("log") / "server.log"
-    with log.open("wb") as out:
-        cmd = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port)]
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        with IWAEClient(url) as c:
-            try:
-                c.wait_ready(timeout=120)
-            except TimeoutError:
-                raise AssertionError(f"server not ready; its log:\n{log.read_text()}") from None
+    with service_process(env, log) as url:
         yield url
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
     assert "Traceback" not in log.read_text()
 
 

@@ -7,13 +7,8 @@ them it is skipped. It writes docs/figures/web.png.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import tomllib
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -29,10 +24,9 @@ from models.engine import bound_stats, engine_log_weights
 from models.noise import request_noise
 from models.percentiles import LoglikQuantiles, test_quantiles
 from models.posterior import reconstruct
-from service.client import IWAEClient
 from service.routes.web import STATIC_DIR
 from service.settings import DEFAULT_MODELS_DIR, Settings
-from service.testing import InProcessService, serve_in_process, tiny_model, write_checkpoint
+from service.testing import InProcessService, serve_in_process, service_process, tiny_model, write_checkpoint
 from training.datasets import data_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,12 +129,6 @@ async def test_reconstruct_refuses_bad_requests(svc: InProcessService) -> None:
 
 
 # --- the page in headless Chromium against a real server -------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _page_models(folder: Path) -> int:
     """Copies of two zoo models. The default one gets test-set quantiles at k=50 from 1000 real test digits
     when its card has none and MNIST is at hand. Returns the k the page should score with."""
@@ -171,33 +159,14 @@ def page_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str,
     pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[dev]')")
     folder = tmp_path_factory.mktemp("page-models")
     k = _page_models(folder)
-    port = _free_port()
     env = {
-        **{key: v for key, v in os.environ.items() if not key.startswith("IWAE_")},
         "IWAE_MODELS": str(folder),
         "IWAE_DEVICE": "cpu",
         "IWAE_THREADS": "1",
         "IWAE_ENGINE_COMPILE": "0",
     }
-    log = tmp_path_factory.mktemp("log") / "server.log"
-    with log.open("wb") as out:
-        cmd = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port)]
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        with IWAEClient(url) as c:
-            try:
-                c.wait_ready(timeout=120)
-            except TimeoutError:
-                raise AssertionError(f"server not ready; its log:\n{log.read_text()}") from None
+    with service_process(env, tmp_path_factory.mktemp("log") / "server.log") as url:
         yield url, k
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def _same(shown: str | None, value: float | None) -> bool:
