@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from models.grid import tile, to_uint8
 from models.posterior import ACTIVE_UNIT_THRESHOLD
 from training.files import atomic_write_bytes
 
@@ -71,18 +72,11 @@ def plot_active_units(a_u: dict[str, list[torch.Tensor]], out: Path, threshold: 
     plt.close(fig)
 
 
-def grid_png(images: np.ndarray, cols: int, border: int = 1, fill: float = 0.0) -> bytes:
-    """[n, h, w] intensities in [0, 1] -> PNG bytes of the images on a grid of ``cols`` columns, each image
-    framed by ``border`` pixels of ``fill``."""
-    n, h, w = images.shape
-    rows = math.ceil(n / cols)
-    ch, cw = h + 2 * border, w + 2 * border
-    canvas = np.full((rows * ch, cols * cw), fill, dtype=np.float32)
-    for i in range(n):
-        r, c = divmod(i, cols)
-        canvas[r * ch + border : r * ch + border + h, c * cw + border : c * cw + border + w] = images[i]
+def grid_png(images: np.ndarray, cols: int, gap: int = 2, fill: float = 0.0) -> bytes:
+    """[n, h, w] intensities in [0, 1] -> PNG bytes of the images on a grid of ``cols`` columns
+    (layout: models.grid.tile)."""
     buf = io.BytesIO()
-    Image.fromarray(np.round(np.clip(canvas, 0, 1) * 255).astype(np.uint8), mode="L").save(buf, format="PNG")
+    Image.fromarray(to_uint8(tile(images, cols, gap, fill)), mode="L").save(buf, format="PNG")
     return buf.getvalue()
 
 

@@ -3,7 +3,6 @@
 # No `from __future__ import annotations`: FastAPI evaluates the signature (le=settings.max_n).
 import asyncio
 import io
-import math
 from typing import Annotated, Literal
 
 import numpy as np
@@ -11,6 +10,7 @@ from fastapi import APIRouter, Query
 from fastapi.responses import Response
 from PIL import Image
 
+from models.grid import tile, to_uint8
 from service import jobs, schemas
 from service.deps import Computation, check_query
 from service.errors import ErrorCode, InvalidInputError
@@ -68,16 +68,8 @@ def add_routes(r: APIRouter, settings: Settings) -> None:
         )
 
 
-def grid_png(images: np.ndarray, pad: int = 2) -> bytes:
-    """[n, h, w] intensities in [0, 1] -> one PNG with the images on a near-square grid."""
-    n, h, w = images.shape
-    cols = math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    canvas = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad), 0.5, dtype=np.float64)
-    for i in range(n):
-        r, c = divmod(i, cols)
-        y, x = pad + r * (h + pad), pad + c * (w + pad)
-        canvas[y : y + h, x : x + w] = images[i]
+def grid_png(images: np.ndarray) -> bytes:
+    """[n, h, w] intensities in [0, 1] -> one PNG, the images on a near-square grid on a grey ground."""
     buf = io.BytesIO()
-    Image.fromarray(np.round(canvas * 255).astype(np.uint8), mode="L").save(buf, format="PNG")
+    Image.fromarray(to_uint8(tile(images, fill=0.5)), mode="L").save(buf, format="PNG")
     return buf.getvalue()
