@@ -145,7 +145,9 @@ def main() -> int:
     print("last start's log:")
     print(starts[-1].log)
     best = min(starts, key=lambda s: s.readyz_s)
-    print(f"best of {len(starts)}: /healthz {best.healthz_s:.2f} s, /readyz {best.readyz_s:.2f} s, CPU {best.cpu_s:.2f} s")
+    print(
+        f"best of {len(starts)}: /healthz {best.healthz_s:.2f} s, /readyz {best.readyz_s:.2f} s, CPU {best.cpu_s:.2f} s"
+    )
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     return 0
 
