@@ -4,6 +4,7 @@ at ready, and its log lines with their times, for the shipped models (or any `iw
     python bench/bench_startup.py                          # the shipped zoo, default settings, 3 starts
     python bench/bench_startup.py --runs 1 -- --models models/zoo/mnist-iwae-k50-1l.safetensors
     python bench/bench_startup.py --importtime             # also: the server's slowest imports (-X importtime)
+    python bench/bench_startup.py --phases                 # the same work step by step in one fresh process
 
 Each start is a fresh process on a free loopback port, polled every 10 ms with the standard library only (so
 the probe itself costs the server nothing) and stopped with SIGTERM once ready. CPU time is user + system of
@@ -122,11 +123,45 @@ def slowest_imports(importtime_log: str, top: int) -> list[tuple[float, str]]:
     return sorted(rows, reverse=True)[:top]
 
 
+PHASES = r"""
+import resource, time
+def cpu():
+    s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+t, c = time.perf_counter(), cpu()
+def mark(what):
+    global t, c
+    print(f"  {what:48s} wall {time.perf_counter() - t:6.2f} s   CPU {cpu() - c:6.2f} s", flush=True)
+    t, c = time.perf_counter(), cpu()
+import torch
+mark("import torch")
+import service.__main__, service.app, service.auth, service.drain, service.registry, uvicorn
+mark("import the service and uvicorn")
+from service.settings import Settings
+from service.registry import ModelRegistry
+registry = ModelRegistry.load(Settings())
+mark(f"load {len(registry.models)} checkpoints")
+import torch._dynamo, torch._inductor.compile_fx
+mark("import torch._dynamo and inductor (torch.compile)")
+from models.engine import kernels
+for name, loaded in registry.models.items():
+    note = kernels(loaded.model).note
+    mark(f"L_k kernel of {name} ({note})")
+"""
+
+
+def phases(env: dict[str, str]) -> None:
+    """The server's start-up work in order, timed step by step (compile cache as configured)."""
+    print("phases (one process; a kernel is compiled once per architecture, later models reuse it):")
+    subprocess.run([sys.executable, "-c", PHASES], cwd=ROOT, env=env, check=True)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", type=int, default=3, help="starts to measure (default: %(default)s)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for ready (default: %(default)s)")
     p.add_argument("--importtime", action="store_true", help="also list the server's slowest imports")
+    p.add_argument("--phases", action="store_true", help="also time the start-up work step by step")
     p.add_argument("serve_args", nargs="*", help="after --: arguments for python -m service")
     a = p.parse_args()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
@@ -142,6 +177,8 @@ def main() -> int:
             for secs, name in slowest_imports(imp.read_text(), 8):
                 print(f"  import {name}: {secs:.2f} s")
             imp.unlink()
+    if a.phases:
+        phases(env)
     print("last start's log:")
     print(starts[-1].log)
     best = min(starts, key=lambda s: s.readyz_s)

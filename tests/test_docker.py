@@ -202,6 +202,26 @@ def test_compile_cache_is_a_named_volume_owned_by_the_service_user() -> None:
     assert f"mkdir -p {mount}" in runs and f"chown iwae:iwae {mount}" in runs
 
 
+def test_no_precompiled_header_outside_the_compile_cache() -> None:
+    """inductor keeps its precompiled C++ header in default_cache_dir() (under /tmp), not in
+    TORCHINDUCTOR_CACHE_DIR: a container built it again at every start, a warm compile cache or not. The image
+    turns the header off, through the variable this torch reads."""
+    env: dict[str, str] = {}
+    for word, rest in dockerfile_instructions():
+        if word == "ENV":
+            env.update(kv.split("=", 1) for kv in rest.split() if "=" in kv)
+    assert env["TORCHINDUCTOR_CPP_CACHE_PRECOMPILE_HEADERS"] == "0"
+    code = (
+        "import os, torch._inductor.codecache as cc, torch._inductor.config as c\n"
+        "print(c.cpp_cache_precompile_headers, cc._HEADER_DIR.startswith(os.environ['TORCHINDUCTOR_CACHE_DIR']))"
+    )
+    run_env = {**os.environ, "TORCHINDUCTOR_CPP_CACHE_PRECOMPILE_HEADERS": "0", "TORCHINDUCTOR_CACHE_DIR": "/x/cache"}
+    r = subprocess.run([sys.executable, "-c", code], env=run_env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    # Off, and still needed: were the header kept in the cache directory, it could be turned back on.
+    assert r.stdout.split() == ["False", "False"]
+
+
 def test_gpu_override_reserves_a_gpu_on_a_cuda_build() -> None:
     doc = yaml.safe_load(GPU_COMPOSE.read_text())
     assert set(doc["services"]) == {"iwae"}
