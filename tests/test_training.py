@@ -90,6 +90,87 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path: Path, monkeypatch
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
 
 
+class _Killed(BaseException):
+    """Stands in for SIGKILL: not an Exception, so nothing in the loop catches it and saves the state."""
+
+
+def _kill_at_save(monkeypatch: pytest.MonkeyPatch, nth: int) -> None:
+    """Die at the ``nth`` training-state write: after that save's checkpoint, before its state (the window a
+    kill of the process can land in)."""
+    real, calls = train_mod.save_train_state, {"n": 0}
+
+    def dying(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == nth:
+            raise _Killed
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "save_train_state", dying)
+
+
+def _records(log: Path) -> list[dict[str, float]]:
+    """The log's records without their wall-clock seconds (the one field two identical runs differ in)."""
+    return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in log.read_text().splitlines()]
+
+
+def _assert_same_weights(a_path: Path, b_path: Path) -> None:
+    a, _, _ = load_checkpoint(a_path)
+    b, _, _ = load_checkpoint(b_path)
+    for (name, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert torch.equal(pa, pb), name
+
+
+def test_a_run_killed_between_its_checkpoint_and_its_state_resumes_to_the_same_weights(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = synthetic_dataset()
+    common = dict(k=3, epochs=3, batch_size=20, seed=3, val_k=5, progress=False, device="cpu")
+    straight = tmp_path / "straight.safetensors"
+    train(TrainConfig(out=straight, **common), data)
+
+    killed = tmp_path / "killed.safetensors"
+    with monkeypatch.context() as m:
+        _kill_at_save(m, nth=2)  # the end of epoch 2: its log line and checkpoint written, its state not
+        with pytest.raises(_Killed):
+            train(TrainConfig(out=killed, **common), data)
+    assert load_checkpoint(killed)[1]["epochs"] == 2
+    assert train_mod.read_train_state_meta(state_path(killed))["epoch"] == 1
+    assert [r["epoch"] for r in _records(log_path(killed))] == [1, 2]
+
+    card = train(TrainConfig(out=killed, resume=True, **common), data)
+    assert card["epochs"] == 3
+    # Epoch 2 ran again from the state's weights and moments, and is logged once.
+    _assert_same_weights(straight, killed)
+    assert _records(log_path(killed)) == _records(log_path(straight))
+
+
+def test_a_fine_tuning_run_killed_before_its_first_state_starts_again_from_its_base(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from training import reproduce
+
+    data = synthetic_dataset()
+    base = tmp_path / "base.safetensors"
+    train(TrainConfig(out=base, k=1, objective="vae", epochs=1, val_k=5, progress=False), data)
+    monkeypatch.setattr(reproduce, "train", lambda cfg: train(cfg, data))
+    row = reproduce.Row("mnist", 1, "iwae", 3)
+    straight = reproduce.Plan(budget=2, seed=3, device="cpu", out_dir=tmp_path / "straight", val_k=5)
+    straight.out_dir.mkdir()
+    straight.train(straight.out_dir / "swap.safetensors", row, init_from=base)
+
+    plan = reproduce.Plan(budget=2, seed=3, device="cpu", out_dir=tmp_path / "killed", val_k=5)
+    out = plan.out_dir / "swap.safetensors"
+    plan.out_dir.mkdir()
+    with monkeypatch.context() as m:
+        _kill_at_save(m, nth=1)  # the first checkpoint is written, no training state yet
+        with pytest.raises(_Killed):
+            plan.train(out, row, init_from=base)
+    assert out.exists() and not state_path(out).exists()
+    plan.train(out, row, init_from=base)  # the rerun of the experiment
+    _assert_same_weights(straight.out_dir / "swap.safetensors", out)
+    assert _records(log_path(out)) == _records(log_path(straight.out_dir / "swap.safetensors"))
+
+
 def test_init_from_starts_from_the_given_weights(tmp_path: Path) -> None:
     data = synthetic_dataset()
     base = tmp_path / "base.safetensors"

@@ -1,12 +1,16 @@
 """Checkpoint files on disk: atomic writes of the models/ checkpoint format, and resumable training state.
 
-The training state (optimizer moments, RNG states, position) lives in a second safetensors file beside
-the checkpoint, ``CKPT.state.safetensors``, so the checkpoint itself stays a clean model file.
+The training state (optimizer moments, RNG states, position, and the weights they belong to) lives in a
+second safetensors file beside the checkpoint, ``CKPT.state.safetensors``, so the checkpoint itself stays a
+clean model file. The two files are replaced one after the other (checkpoint first), so a process killed
+between the two writes leaves a checkpoint one save ahead of its state: the state's own copy of the weights
+is what a resume starts from, never the checkpoint's.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,11 +49,18 @@ def state_path(ckpt: Path) -> Path:
 
 
 def save_train_state(
-    path: Path, optimizer: torch.optim.Optimizer, rng: dict[str, torch.Tensor], meta: dict[str, Any]
+    path: Path,
+    optimizer: torch.optim.Optimizer,
+    rng: dict[str, torch.Tensor],
+    meta: dict[str, Any],
+    params: Sequence[torch.Tensor] = (),
 ) -> None:
-    """Optimizer moments as tensors ``opt.{param}.{key}``, RNG states as ``rng.{name}``, the rest as JSON."""
+    """Optimizer moments as tensors ``opt.{param}.{key}``, RNG states as ``rng.{name}``, the weights the moments
+    belong to as ``param.{index}`` (the optimizer's parameter order), the rest as JSON."""
     sd = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
+    for idx, param in enumerate(params):
+        tensors[f"param.{idx}"] = param.detach().cpu().contiguous()
     for idx, st in sd["state"].items():
         for key, value in st.items():
             tensors[f"opt.{idx}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
@@ -59,8 +70,12 @@ def save_train_state(
     atomic_write_bytes(path, st_save(tensors, metadata=metadata))
 
 
-def load_train_state(path: Path, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Restore the optimizer in place; return (RNG states, meta)."""
+def load_train_state(
+    path: Path, optimizer: torch.optim.Optimizer, params: Sequence[torch.nn.Parameter] = ()
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Restore the optimizer, and ``params`` (when given) from the state's copy of the weights, in place; return
+    (RNG states, meta). A state written before the weights were stored in it leaves ``params`` as they are
+    (the checkpoint's)."""
     data = read_bytes(path)
     header_meta = _state_header(data, path)
     try:
@@ -69,13 +84,24 @@ def load_train_state(path: Path, optimizer: torch.optim.Optimizer) -> tuple[dict
         raise CheckpointError(f"{path}: unreadable training state (corrupt or truncated?): {e}") from e
     state: dict[int, dict[str, torch.Tensor]] = {}
     rng: dict[str, torch.Tensor] = {}
+    weights: dict[int, torch.Tensor] = {}
     for name, t in tensors.items():
         kind, rest = name.split(".", 1)
         if kind == "rng":
             rng[rest] = t
+        elif kind == "param":
+            weights[int(rest)] = t
         else:
             idx, key = rest.split(".", 1)
             state.setdefault(int(idx), {})[key] = t
+    if weights and params:
+        if sorted(weights) != list(range(len(params))) or any(
+            weights[i].shape != p.shape for i, p in enumerate(params)
+        ):
+            raise CheckpointError(f"{path}: its weights do not match the model being resumed")
+        with torch.no_grad():
+            for i, p in enumerate(params):
+                p.copy_(weights[i])
     optimizer.load_state_dict({"state": state, "param_groups": json.loads(header_meta["param_groups"])})
     return rng, json.loads(header_meta["meta"])
 

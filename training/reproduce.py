@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from models.device import DEVICE_CHOICES
-from training.checkpoints import load_checkpoint
+from training.checkpoints import load_checkpoint, state_path
 from training.cliargs import add_arguments, arg, from_arguments, positive_int
 from training.config import LAYERS, OBJECTIVES, EvalConfig, TrainConfig
 from training.eval_checkpoint import evaluate_checkpoint
@@ -103,7 +103,9 @@ class Plan:
 
     def train(self, out: Path, row: Row, init_from: Path | None = None) -> None:
         """Train ``out`` (continuing an interrupted or finished run there, else starting from ``init_from``)."""
-        resume = init_from is None or out.exists()
+        # The training state, not the checkpoint, marks a run to continue: a run killed after writing its first
+        # checkpoint but before its state must start again from ``init_from``, not from random weights.
+        resume = init_from is None or state_path(out).exists()
         print(f"reproduce: training {out.name} ({self.budget} epochs)", file=sys.stderr, flush=True)
         cfg = TrainConfig(
             out=out,

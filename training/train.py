@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ from training.checkpoints import (
 from training.config import TrainConfig
 from training.datasets import Dataset, binarize, load_dataset
 from training.evaluate import evaluate_dataset
+from training.files import atomic_write_bytes
 from training.provenance import hardware, versions
 from training.schedule import Schedule
 from training.step import (
@@ -85,13 +87,17 @@ class _Run:
         self.bin_gen = torch.Generator().manual_seed(cfg.seed + 1)
         self.sums = BoundSum(device)
         if cfg.resume and self.start_epoch + self.start_step > 0:
-            rng, meta = load_train_state(state_path(cfg.out), self.opt)
+            # The state's weights, not the checkpoint's: a process killed between the two files' writes
+            # leaves the checkpoint one save ahead of the optimizer and RNG states (training/checkpoints.py).
+            rng, meta = load_train_state(state_path(cfg.out), self.opt, list(self.model.parameters()))
             restore_fast_adam(self.opt)
             torch.set_rng_state(rng["torch"])
             self.bin_gen.set_state(rng["binarize"])
             if device.type == "cuda" and "cuda" in rng:
                 torch.cuda.set_rng_state(rng["cuda"], device)
             self.sums = BoundSum(device, meta["sums"])
+        # The log holds this run's epochs up to where it starts: a fresh run starts a new log.
+        _drop_log_lines_after(log_path(cfg.out), self.start_epoch)
         self.step_fn = TrainStep(self.model, self.opt, get_surrogate(cfg.estimator or cfg.objective), cfg.k)
         self.t0 = self.last_save = time.perf_counter()
 
@@ -110,7 +116,7 @@ class _Run:
         self.card.update(epochs=epoch, wall_time_s=wall_time_s, hardware=hardware(self.device))
         save_checkpoint(self.cfg.out, self.model, self.card, self.data.train_mean)
         meta = {"epoch": epoch, "step": step, "sums": self.sums.as_dict(), "wall_time_s": wall_time_s}
-        save_train_state(state_path(self.cfg.out), self.opt, rng, meta)
+        save_train_state(state_path(self.cfg.out), self.opt, rng, meta, list(self.model.parameters()))
         self.last_save = time.perf_counter()
 
     def train_epoch(self, epoch: int, train_x: torch.Tensor, first_step: int, steps_per_epoch: int) -> None:
@@ -161,6 +167,26 @@ class _Run:
             print(json.dumps(record), file=sys.stderr, flush=True)
         self.card[f"valid_L{cfg.val_k}"] = val.loglik
         self.save(epoch + 1, 0, {**self.global_rng(), "binarize": self.bin_gen.get_state()})
+
+
+def _drop_log_lines_after(log: Path, epoch: int) -> None:
+    """Keep the log lines of epochs 1..``epoch``: a process killed after an epoch's log line but before its
+    training state was written resumes at that epoch, which would otherwise be logged twice (and a line cut
+    short by the kill is dropped)."""
+    if not log.exists():
+        return
+    lines = log.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if _logged_epoch(line) <= epoch]
+    if kept != lines:
+        atomic_write_bytes(log, "".join(kept).encode())
+
+
+def _logged_epoch(line: str) -> float:
+    """The epoch of one log line; infinity for a line that is incomplete or not a record."""
+    try:
+        return int(json.loads(line)["epoch"]) if line.endswith("\n") else math.inf
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def _initial_state(cfg: TrainConfig, data: Dataset, schedule: Schedule) -> tuple[IWAE, dict[str, Any], int, int, float]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,7 @@ import torch
 
 from iwae_cli import main as cli_main
 from service.testing import tiny_model
+from training.checkpoints import load_checkpoint, read_train_state_meta, state_path
 from training.datasets import data_dir
 from training.distributed import evaluate_sharded
 from training.evaluate import evaluate_dataset
@@ -92,3 +95,83 @@ def test_reproduce_grid_on_ray_writes_every_row(
     assert cli_main(argv) == 0
     assert {name: (tmp_path / "zoo" / f"{name}.safetensors").read_bytes() for name in rows} == before
     assert results.read_text() == table
+
+
+def _log_lines(log: Path) -> list[str]:
+    return log.read_text().splitlines() if log.exists() else []
+
+
+def _without_seconds(lines: list[str]) -> list[dict[str, float]]:
+    # Wall-clock seconds are the one field in which two identical runs differ.
+    return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in lines]
+
+
+@needs_mnist
+def test_a_killed_grid_row_resumes_from_its_checkpoint_when_the_grid_is_rerun(
+    ray_cluster: RayCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ray
+
+    row, budget = "mnist-vae-k1-1l", 5
+
+    def grid(name: str) -> list[str]:
+        # 2,000 images: 100 steps an epoch, so the row is still training when the test kills it.
+        argv = ["reproduce", "table1", "--ray", ray_cluster.address, "--rows", row, "--budget", str(budget)]
+        argv += ["--max-train-images", "2000", "--val-k", "1", "--eval-images", "8", "--threads", "1"]
+        argv += ["--device", "cpu", "--out-dir", str(tmp_path / name)]
+        return [*argv, "--results", str(tmp_path / f"{name}.md")]
+
+    ckpt, log = tmp_path / "killed" / f"{row}.safetensors", tmp_path / "killed" / f"{row}.log.jsonl"
+    # The task refs each grid waits on, by driver thread, so that the test can cancel the row's task.
+    refs: dict[str, list[ray.ObjectRef]] = {}
+    real_wait = ray.wait
+
+    def spying_wait(object_refs: list[ray.ObjectRef], *args: object, **kwargs: object) -> object:
+        seen = refs.setdefault(threading.current_thread().name, [])
+        seen.extend(r for r in object_refs if r not in seen)
+        return real_wait(object_refs, *args, **kwargs)
+
+    monkeypatch.setattr(ray, "wait", spying_wait)
+    outcome: dict[str, object] = {}
+
+    def run(name: str) -> None:
+        try:
+            outcome[name] = cli_main(grid(name))
+        except Exception as e:  # expected for the killed grid: its cancelled row fails it
+            outcome[name] = e
+
+    # The uninterrupted run of the same row goes on beside the killed one (another folder, the cluster's
+    # other CPUs): the result the resumed row must end with.
+    drivers = {name: threading.Thread(target=run, args=(name,), name=name) for name in ("killed", "straight")}
+    for driver in drivers.values():
+        driver.start()
+    deadline = time.monotonic() + 120
+    while not (_log_lines(log) and state_path(ckpt).exists()):  # an epoch logged and its state saved
+        assert drivers["killed"].is_alive() and time.monotonic() < deadline, outcome
+        time.sleep(0.01)
+    (ref,) = refs["killed"]
+    ray.cancel(ref, force=True)  # kills the worker process running the row
+    drivers["killed"].join(timeout=60)
+    assert "TaskCancelledError" in str(outcome["killed"]), outcome
+
+    saved_epoch = read_train_state_meta(state_path(ckpt))["epoch"]
+    kept = _log_lines(log)[:saved_epoch]
+    assert 1 <= saved_epoch < budget, f"the row was not killed mid-run (state at epoch {saved_epoch})"
+    assert load_checkpoint(ckpt)[1]["epochs"] < budget
+
+    assert cli_main(grid("killed")) == 0  # the rerun
+    lines = _log_lines(log)
+    assert [json.loads(line)["epoch"] for line in lines] == list(range(1, budget + 1))
+    # The epochs saved before the kill were not trained again: their lines, timings included, are untouched.
+    assert lines[:saved_epoch] == kept
+
+    drivers["straight"].join(timeout=120)
+    assert outcome["straight"] == 0, outcome
+    straight = tmp_path / "straight" / f"{row}.safetensors"
+    (resumed, resumed_card, _), (reference, straight_card, _) = load_checkpoint(ckpt), load_checkpoint(straight)
+    for (name, a), (_, b) in zip(resumed.state_dict().items(), reference.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    assert _without_seconds(lines) == _without_seconds(_log_lines(straight.with_name(f"{row}.log.jsonl")))
+    assert resumed_card["epochs"] == straight_card["epochs"] == budget
+    assert resumed_card["eval"]["test"]["loglik"] == straight_card["eval"]["test"]["loglik"]
+    assert (tmp_path / "killed.md").read_text() == (tmp_path / "straight.md").read_text()
