@@ -9,6 +9,7 @@ PSIS k̂ is <= 0.7. docs/service.md quotes the output.
     PYTHONPATH=. IWAE_DATA_DIR=/work/shared/data python bench/calibration.py --first 40
     PYTHONPATH=. IWAE_DATA_DIR=/work/shared/data python bench/calibration.py --images 1038,1359,...
     PYTHONPATH=. IWAE_DATA_DIR=/work/shared/data python bench/calibration.py --flagged 1000
+    PYTHONPATH=. IWAE_DATA_DIR=/work/shared/data python bench/calibration.py --flagged 10000 --ks 5000 --lowest 20
 
 Candidates: ``delta`` (the delta method on the k weights, models/bounds.py, the old estimator), ``batch10``
 (L over 10 blocks of k/10 samples, spread / sqrt(10)), ``bootstrap`` (200 resamples of the k weights),
@@ -120,14 +121,21 @@ def _summary(ratio: torch.Tensor) -> str:
     return f"{ratio.median():.2f} [{ratio.min():.2f}, {ratio.max():.2f}]"
 
 
-def flagged_fraction(model: torch.nn.Module, n: int, ks: list[int], batch: int = 100) -> dict[int, float]:
-    """Fraction of the first n test images with k̂ > 0.7 at each k (one draw, seed 7 + first index)."""
+def flagged_fraction(
+    model: torch.nn.Module, n: int, ks: list[int], lowest: int = 0, batch: int = 100
+) -> dict[int, float]:
+    """Fraction of the first n test images with k̂ > 0.7 at each k (one draw, seed 7 + first index); with
+    ``lowest``, also print the indices of the images with the lowest k̂ (the candidates for --images)."""
     x = test_images(list(range(n)))
     out = {}
     for k in ks:
         k_hat = torch.cat([pareto_k(log_weights(model, x[i : i + batch], k, 7 + i)) for i in range(0, n, batch)])
         out[k] = float((k_hat > RELIABLE_K_HAT).double().mean())
-        print(f"k={k}: {100 * out[k]:.1f}% of {n} test images have k̂ > {RELIABLE_K_HAT}", flush=True)
+        print(f"k={k}: {100 * out[k]:.2f}% of {n} test images have k̂ > {RELIABLE_K_HAT}", flush=True)
+        if lowest:
+            order = torch.argsort(k_hat)[:lowest].tolist()
+            print(f"k={k}: the {lowest} lowest k̂: --images {','.join(map(str, order))}", flush=True)
+            print("  their k̂: " + ", ".join(f"{float(k_hat[i]):.3f}" for i in order), flush=True)
     return out
 
 
@@ -140,6 +148,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=30)
     p.add_argument("--estimators", default=",".join(ESTIMATORS))
     p.add_argument("--flagged", type=int, default=0, help="instead: fraction flagged among the first N images")
+    p.add_argument("--lowest", type=int, default=0, help="with --flagged: print the N images with the lowest k̂")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", type=Path, help="write the per-image numbers here")
     a = p.parse_args()
@@ -148,7 +157,7 @@ def main() -> None:
     kernels(model)
     ks = [int(k) for k in a.ks.split(",")]
     if a.flagged:
-        flagged_fraction(model, a.flagged, ks)
+        flagged_fraction(model, a.flagged, ks, a.lowest)
         return
     indices = [int(i) for i in a.images.split(",")] if a.images else list(range(a.first))
     names = a.estimators.split(",")
