@@ -63,6 +63,9 @@ class Cell:
     seconds: float
     latencies: list[float]
     errors: int
+    # Server CPU seconds per completed request over the whole cell (warm-up included): on a shared machine
+    # the requests/s move with the other jobs' load, the CPU time a request costs much less.
+    cpu_per_request: float = float("nan")
 
     @property
     def rps(self) -> float:
@@ -146,7 +149,17 @@ async def run_load(
     await asyncio.gather(*(worker(c) for c in conns))
     for c in conns:
         await c.close()
+    run_load.completed = counter - errors  # type: ignore[attr-defined]  # every answered request, warm-up too
     return len(latencies), duration, latencies, errors
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process (Linux /proc; NaN elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # --- the server processes ---------------------------------------------------------------------------------
@@ -308,10 +321,13 @@ def main(argv: list[str] | None = None) -> int:
                     for name in order if r % 2 == 0 else reversed(order):
                         duration = a.duration if k < 1000 else a.duration_large
                         warmup = a.warmup if k < 1000 else 3 * a.warmup
+                        cpu0 = cpu_seconds(procs[name].pid)
                         n, secs, lat, errors = asyncio.run(run_load(ports[name], k, conc, duration, warmup, small))
-                        cell = Cell(name, threads, k, conc, n, secs, lat, errors)
+                        cpu = (cpu_seconds(procs[name].pid) - cpu0) / max(1, run_load.completed)  # type: ignore[attr-defined]
+                        cell = Cell(name, threads, k, conc, n, secs, lat, errors, cpu)
                         cells.append(cell)
                         print(f"t={threads} {name:6s} k={k:5d} c={conc:3d}: {cell.rps:8.2f} req/s  p50 {cell.pct(50):8.1f} ms"
+                              f"  server CPU {1000 * cpu:7.2f} ms/request"
                               f"  p99 {cell.pct(99):8.1f}  ({n} requests, {errors} errors; load {os.getloadavg()[0]:.1f})",
                               flush=True)  # fmt: skip
             for name in ("ours", "today", "plain"):
@@ -337,8 +353,9 @@ def pooled(cells: list[Cell], server: str, threads: int, k: int, conc: int) -> C
     if not sel:
         return None
     lat = [v for c in sel for v in c.latencies]
+    cpu = float(np.mean([c.cpu_per_request for c in sel]))
     return Cell(server, threads, k, conc, sum(c.requests for c in sel), sum(c.seconds for c in sel), lat,
-                sum(c.errors for c in sel))  # fmt: skip
+                sum(c.errors for c in sel), cpu)  # fmt: skip
 
 
 def _commit(checkout: Path | None) -> str:
@@ -368,8 +385,8 @@ def write_doc(a: argparse.Namespace, cells: list[Cell], hol: dict, chunks: dict[
         + " — the best of 256/512/1024 measured in the same run); `today` = the service from the checkout given "
         f"with --today ({_commit(a.today)}). Same checkpoint and torch thread setting for all.",
         "",
-        "| torch threads | k | clients | server | requests/s | vs plain | p50 ms | p99 ms | errors |",
-        "|---:|---:|---:|---|---:|---:|---:|---:|---:|",
+        "| torch threads | k | clients | server | requests/s | vs plain | p50 ms | p99 ms | errors | server CPU ms/request | CPU vs plain |",
+        "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for t in threads:
         for k, conc in LOADS:
@@ -379,8 +396,9 @@ def write_doc(a: argparse.Namespace, cells: list[Cell], hol: dict, chunks: dict[
                 if c is None:
                     continue
                 ratio = f"{c.rps / base.rps:.2f}×" if base and base.rps else "–"
+                cpu_ratio = f"{c.cpu_per_request / base.cpu_per_request:.2f}×" if base else "–"
                 lines.append(f"| {t} | {k} | {conc} | {name} | {c.rps:.1f} | {ratio} | {c.pct(50):.1f} | "
-                             f"{c.pct(99):.1f} | {c.errors} |")  # fmt: skip
+                             f"{c.pct(99):.1f} | {c.errors} | {1000 * c.cpu_per_request:.2f} | {cpu_ratio} |")  # fmt: skip
     lines += [
         "",
         "Head-of-line: single-image k=50 requests sent one after another while one 100-image k=5000 request is "

@@ -75,7 +75,7 @@ INLINE_MAX_ROWS = 512
 # computing all the time, a third runnable thread on two cores, and a big job running meanwhile took 1.6-1.9×
 # as long (docs/benchmarks.md).
 INLINE_SHARE = 0.125
-INLINE_PACE_MAX_S = 0.05
+INLINE_PACE_MAX_S = 0.02
 # Retry-After bounds (seconds) and the throughput assumed before anything was measured (rows/s).
 RETRY_AFTER_BOUNDS = (1, 60)
 INITIAL_ROWS_PER_S = 200_000.0
