@@ -14,6 +14,7 @@ is in flight: their worst latency, and the big request's time against the same r
 
     .venv/bin/python bench/bench_service.py --today /path/to/old/checkout   # writes docs/benchmarks.md
     .venv/bin/python bench/bench_service.py --quick                        # short, print only
+    .venv/bin/python bench/bench_service.py --loads 50x1 --no-hol --threads 1   # a subset of cells, print only
 
 The load generator is a minimal HTTP/1.1 keep-alive client on asyncio streams: on a 2-core machine a
 heavier client would take CPU time from the server it measures.
@@ -62,6 +63,9 @@ class Cell:
     seconds: float
     latencies: list[float]
     errors: int
+    # Server CPU seconds per completed request over the whole cell (warm-up included): on a shared machine
+    # the requests/s move with the other jobs' load, the CPU time a request costs much less.
+    cpu_per_request: float = float("nan")
 
     @property
     def rps(self) -> float:
@@ -145,7 +149,17 @@ async def run_load(
     await asyncio.gather(*(worker(c) for c in conns))
     for c in conns:
         await c.close()
+    run_load.completed = counter - errors  # type: ignore[attr-defined]  # every answered request, warm-up too
     return len(latencies), duration, latencies, errors
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process (Linux /proc; NaN elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # --- the server processes ---------------------------------------------------------------------------------
@@ -258,7 +272,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds per cell (their requests are pooled)")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
     p.add_argument("--quick", action="store_true", help="short cells, one thread setting, print only")
+    p.add_argument(
+        "--loads",
+        default=",".join(f"{k}x{c}" for k, c in LOADS),
+        help="cells to measure, KxCLIENTS comma-separated (a subset is printed only, not written)",
+    )
+    p.add_argument("--no-hol", action="store_true", help="skip the head-of-line measurement (print only)")
+    p.add_argument("--servers", default="ours,plain,today", help="servers to measure (a subset: print only)")
     a = p.parse_args(argv)
+    loads = [tuple(int(v) for v in cell.split("x")) for cell in a.loads.split(",") if cell]
+    servers = set(a.servers.split(","))
+    subset = set(loads) != set(LOADS) or a.no_hol or not {"ours", "plain"} <= servers
     if a.quick:
         a.duration, a.duration_large, a.warmup, a.rounds, a.threads = 1.5, 3.0, 0.5, 1, a.threads.split(",")[0]
     thread_settings = [int(t) for t in a.threads.split(",")]
@@ -288,30 +312,36 @@ def main(argv: list[str] | None = None) -> int:
         }  # fmt: skip
         if a.today:
             cmds["today"] = (service_cmd(ports["today"]), a.today.resolve(), service_env(a.checkpoint, threads))
+        cmds = {name: cmd for name, cmd in cmds.items() if name in servers}
         procs = {name: start_server(cmd, cwd, env, ports[name], log_path) for name, (cmd, cwd, env) in cmds.items()}
         try:
             order = list(procs)
             for r in range(a.rounds):
-                for k, conc in LOADS:
+                for k, conc in loads:
                     for name in order if r % 2 == 0 else reversed(order):
                         duration = a.duration if k < 1000 else a.duration_large
                         warmup = a.warmup if k < 1000 else 3 * a.warmup
+                        cpu0 = cpu_seconds(procs[name].pid)
                         n, secs, lat, errors = asyncio.run(run_load(ports[name], k, conc, duration, warmup, small))
-                        cell = Cell(name, threads, k, conc, n, secs, lat, errors)
+                        cpu = (cpu_seconds(procs[name].pid) - cpu0) / max(1, run_load.completed)  # type: ignore[attr-defined]
+                        cell = Cell(name, threads, k, conc, n, secs, lat, errors, cpu)
                         cells.append(cell)
                         print(f"t={threads} {name:6s} k={k:5d} c={conc:3d}: {cell.rps:8.2f} req/s  p50 {cell.pct(50):8.1f} ms"
-                              f"  p99 {cell.pct(99):8.1f}  ({n} requests, {errors} errors)", flush=True)  # fmt: skip
+                              f"  server CPU {1000 * cpu:7.2f} ms/request"
+                              f"  p99 {cell.pct(99):8.1f}  ({n} requests, {errors} errors; load {os.getloadavg()[0]:.1f})",
+                              flush=True)  # fmt: skip
             for name in ("ours", "today", "plain"):
-                if name in procs:
+                if name in procs and not a.no_hol:
                     hol[(name, threads)] = asyncio.run(head_of_line(ports[name], big, small))
                     alone, shared, worst, sent = hol[(name, threads)]
                     print(f"t={threads} {name:6s} head-of-line: big alone {alone:.2f} s, with small requests "
                           f"{shared:.2f} s ({shared / alone:.2f}x); worst small latency {1000 * worst:.1f} ms "
-                          f"over {sent} requests", flush=True)  # fmt: skip
+                          f"over {sent} requests; load {os.getloadavg()[0]:.1f}", flush=True)  # fmt: skip
         finally:
             for proc in procs.values():
                 stop_server(proc)
-    if a.quick:
+    print(f"1-minute load average now: {os.getloadavg()[0]:.2f}", flush=True)
+    if a.quick or subset:
         return 0
     write_doc(a, cells, hol, chunks)
     return 0
@@ -323,8 +353,16 @@ def pooled(cells: list[Cell], server: str, threads: int, k: int, conc: int) -> C
     if not sel:
         return None
     lat = [v for c in sel for v in c.latencies]
+    cpu = float(np.mean([c.cpu_per_request for c in sel]))
     return Cell(server, threads, k, conc, sum(c.requests for c in sel), sum(c.seconds for c in sel), lat,
-                sum(c.errors for c in sel))  # fmt: skip
+                sum(c.errors for c in sel), cpu)  # fmt: skip
+
+
+def _commit(checkout: Path | None) -> str:
+    if checkout is None:
+        return "none"
+    out = subprocess.run(["git", "-C", str(checkout), "log", "-1", "--format=%h %s"], capture_output=True, text=True)
+    return f"commit {out.stdout.strip()[:90]}" if out.returncode == 0 else str(checkout)
 
 
 def write_doc(a: argparse.Namespace, cells: list[Cell], hol: dict, chunks: dict[int, int]) -> None:  # type: ignore[type-arg]
@@ -344,11 +382,11 @@ def write_doc(a: argparse.Namespace, cells: list[Cell], hol: dict, chunks: dict[
         f"closed-loop clients; {a.rounds} interleaved rounds per cell, pooled. `plain` = bench/plain_server.py "
         "(a FastAPI route that runs a straightforward PyTorch L_k in Starlette's thread pool, chunk size "
         + ", ".join(f"{chunks[t]} rows at {t} thread(s)" for t in threads)
-        + " — the best of 256/512/1024 measured in the same run); `today` = the service before this work "
-        "(FIFO batching engine). Same checkpoint and torch thread setting for all.",
+        + " — the best of 256/512/1024 measured in the same run); `today` = the service from the checkout given "
+        f"with --today ({_commit(a.today)}). Same checkpoint and torch thread setting for all.",
         "",
-        "| torch threads | k | clients | server | requests/s | vs plain | p50 ms | p99 ms | errors |",
-        "|---:|---:|---:|---|---:|---:|---:|---:|---:|",
+        "| torch threads | k | clients | server | requests/s | vs plain | p50 ms | p99 ms | errors | server CPU ms/request | CPU vs plain |",
+        "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for t in threads:
         for k, conc in LOADS:
@@ -358,8 +396,9 @@ def write_doc(a: argparse.Namespace, cells: list[Cell], hol: dict, chunks: dict[
                 if c is None:
                     continue
                 ratio = f"{c.rps / base.rps:.2f}×" if base and base.rps else "–"
+                cpu_ratio = f"{c.cpu_per_request / base.cpu_per_request:.2f}×" if base else "–"
                 lines.append(f"| {t} | {k} | {conc} | {name} | {c.rps:.1f} | {ratio} | {c.pct(50):.1f} | "
-                             f"{c.pct(99):.1f} | {c.errors} |")  # fmt: skip
+                             f"{c.pct(99):.1f} | {c.errors} | {1000 * c.cpu_per_request:.2f} | {cpu_ratio} |")  # fmt: skip
     lines += [
         "",
         "Head-of-line: single-image k=50 requests sent one after another while one 100-image k=5000 request is "

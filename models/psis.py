@@ -45,7 +45,7 @@ def gpd_fit(tail: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     j = torch.arange(1, m_est + 1, dtype=torch.float64, device=tail.device)
     # A grid over b = -k / sigma, scaled by the tail's first quartile and anchored at its maximum.
     b = (1.0 - torch.sqrt(m_est / (j - 0.5)))[:, None] / (PRIOR_BS * tail[int(n / 4 + 0.5) - 1]) + 1.0 / tail[-1]
-    k_grid = torch.stack([torch.log1p(-bj * tail).mean(0) for bj in b])  # [m_est, batch]
+    k_grid = torch.log1p(-b[:, None, :] * tail[None]).mean(1)  # [m_est, batch], one op rather than m_est
     profile = n * (torch.log(-(b / k_grid)) - k_grid - 1.0)  # profile log-likelihood at each b
     # Posterior weight of each grid point: 1 / Σ_j exp(profile_j - profile_i), as ArviZ computes it.
     weights = 1.0 / torch.exp(profile[None, :, :] - profile[:, None, :]).sum(1)
@@ -73,18 +73,26 @@ def psis(log_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     k̂ is +inf where the tail has fewer than ``MIN_TAIL`` distinct weights (always for k < ``MIN_K`` = 21); such
     columns, like those whose fit fails, are returned unsmoothed.
     """
+    smoothed, k_hat = _psis(log_w, smooth=True)
+    assert smoothed is not None
+    return smoothed, k_hat
+
+
+def _psis(log_w: torch.Tensor, smooth: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """psis(), or with ``smooth`` False only k̂ (the same values: the fit does not depend on the smoothing,
+    which is half the work and every /loglik request needs k̂ only)."""
     x = log_w.detach().to(torch.float64)
     k = x.shape[0]
     x = x - x.max(0).values
     k_hat = torch.full(x.shape[1:], math.inf, dtype=torch.float64, device=x.device)
     m = tail_length(k)
     if k < MIN_K or m < MIN_TAIL:
-        return torch.log_softmax(x, 0), k_hat
+        return (torch.log_softmax(x, 0) if smooth else None), k_hat
     ordered, order = torch.sort(x, dim=0)
     cutoff = ordered[-m - 1].clamp_min(CUTOFF_MIN)
     # Ties at the cutoff, or weights lost below CUTOFF_MIN, shorten the tail: those columns are fitted alone.
     clean = (ordered[-m:] > cutoff).all(0)
-    out = x.clone()
+    out = x.clone() if smooth else x
     columns = [torch.nonzero(clean).flatten()]
     columns += [c.reshape(1) for c in torch.nonzero(~clean).flatten()]
     for cols in columns:
@@ -95,8 +103,11 @@ def psis(log_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         tail_log = tail_log[tail_log[:, 0] > cutoff[cols]] if cols.numel() == 1 else tail_log[-m:]
         if tail_log.shape[0] < MIN_TAIL:
             continue
-        k_hat[cols], out[:, cols] = _smooth(out[:, cols], tail_log, col_order, cutoff[cols])
-    return torch.log_softmax(out, 0), k_hat
+        if smooth:
+            k_hat[cols], out[:, cols] = _smooth(out[:, cols], tail_log, col_order, cutoff[cols])
+        else:
+            k_hat[cols] = _fit(tail_log, cutoff[cols])[0]
+    return (torch.log_softmax(out, 0) if smooth else None), k_hat
 
 
 def _smooth(
@@ -105,19 +116,25 @@ def _smooth(
     """Fit and smooth the tail of columns x [k, c] whose n largest log weights, sorted, are tail_log [n, c]
     (x's maximum is 0; ``order`` sorts x ascending): -> (k̂ [c], x with its tail replaced)."""
     n = tail_log.shape[0]
-    exp_cut = torch.exp(cutoff)
-    k_hat, sigma = gpd_fit(torch.exp(tail_log) - exp_cut)
+    k_hat, sigma, exp_cut = _fit(tail_log, cutoff)
     probs = (torch.arange(n, dtype=torch.float64, device=x.device) + 0.5) / n
     smoothed = torch.log(gpd_quantile(probs, k_hat, sigma) + exp_cut).clamp_max(0.0)  # [n, c]
     ok = torch.isfinite(k_hat) & torch.isfinite(smoothed).all(0)
     x = x.clone()
     x.scatter_(0, order[-n:], torch.where(ok, smoothed, tail_log))
-    return torch.where(torch.isnan(k_hat), math.inf, k_hat), x
+    return k_hat, x
+
+
+def _fit(tail_log: torch.Tensor, cutoff: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(k̂ [c] (+inf where the fit fails), sigma [c], exp(cutoff)) of the tails tail_log [n, c] over ``cutoff``."""
+    exp_cut = torch.exp(cutoff)
+    k_hat, sigma = gpd_fit(torch.exp(tail_log) - exp_cut)
+    return torch.where(torch.isnan(k_hat), math.inf, k_hat), sigma, exp_cut
 
 
 def pareto_k(log_w: torch.Tensor) -> torch.Tensor:
     """The PSIS diagnostic k̂ of each image's weights: [k, batch] -> [batch] float64 (+inf: k too small)."""
-    return psis(log_w)[1]
+    return _psis(log_w, smooth=False)[1]
 
 
 def reliable(k_hat: torch.Tensor) -> torch.Tensor:

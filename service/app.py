@@ -20,6 +20,7 @@ from service.errors import install_error_handlers
 from service.metrics import Metrics, MetricsMiddleware
 from service.middleware import BodyLimitMiddleware
 from service.openapi_truth import refine as refine_openapi
+from service.openapi_truth import v2_statuses
 from service.registry import ModelRegistry
 from service.routes import ROUTE_GROUPS
 from service.settings import Settings
@@ -73,7 +74,7 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
 
     def openapi() -> dict[str, Any]:
         # The loaded models' names and image shapes make the schema exact: refined once they are known.
-        schema = FastAPI.openapi(app)
+        schema = v2_statuses(FastAPI.openapi(app))
         if state.registry is not None and not schema.get("x-refined"):
             refine_openapi(schema, state.registry, settings)
             schema["x-refined"] = True

@@ -13,6 +13,7 @@ first means a request with a bad parameter is refused before its model is looked
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 from collections.abc import Callable, Sequence
@@ -98,22 +99,29 @@ class ModelRequest:
 
     async def loglik(self, x: torch.Tensor, k: int) -> LoglikResult:
         """L_k of images x [N, D] with k samples each (noise from the request's seed), on the scheduler."""
-        return await self._run(lambda sched, until, inline: sched.submit_loglik(x, k, self.seed, until, inline))
+        rows = int(x.shape[0]) * k
+        return await self._run(lambda sched, until, inline: sched.submit_loglik(x, k, self.seed, until, inline), rows)
 
     async def call(self, fn: Callable[[LoadedModel], T], cost: int) -> T:
         """``fn(model)`` as one indivisible job of ``cost`` rows (images × samples) on the scheduler."""
         lm = self.loaded
-        return await self._run(lambda sched, until, inline: sched.submit_call(lambda: fn(lm), cost, until, inline))
+        return await self._run(
+            lambda sched, until, inline: sched.submit_call(lambda: fn(lm), cost, until, inline), max(1, cost)
+        )
 
-    async def _run(self, submit: Callable[[FairScheduler, float, bool], FairJob]) -> Any:
+    async def _run(self, submit: Callable[[FairScheduler, float, bool], FairJob], rows: int) -> Any:
         """Submit and wait: 503 when the queue is full or the service drains, 504 past the deadline
         (IWAE_TIMEOUT_S or the request's timeout_ms), dropped (499) if the client goes away."""
         settings = self.state.settings
         timeout = request_timeout(settings, self.timeout_ms)
         sched = self.state.scheduler(self.loaded)
+        deadline = time.monotonic() + timeout
+        pause = sched.inline_pace(rows) if self.state.in_flight.inline_ok else 0.0
+        if pause > 0:  # a tiny job while workers compute: keep its share of the event loop small
+            await asyncio.sleep(pause)
         try:
-            job = submit(sched, time.monotonic() + timeout, self.state.in_flight.inline_ok)
-            return await sched.wait(job, timeout, self.request.receive)
+            job = submit(sched, deadline, self.state.in_flight.inline_ok)
+            return await sched.wait(job, max(0.0, deadline - time.monotonic()), self.request.receive)
         except fair_jobs.SchedulerError as exc:
             raise as_service_error(exc, timeout, settings.timeout_s) from exc
 

@@ -69,6 +69,13 @@ log = logging.getLogger("iwae.service")
 OLDEST_SHARE = 4
 # A job of at most this many rows (or call cost) may be computed on the caller's thread (see _may_run_inline).
 INLINE_MAX_ROWS = 512
+# While workers compute, tiny jobs computed inline may take at most this share of the event loop's time: each
+# one is followed by a pause (INLINE_SHARE - 1 times its compute time, at most INLINE_PACE_MAX_S) before the
+# next may run inline. Without it a client sending small requests one after another keeps the event loop
+# computing all the time, a third runnable thread on two cores, and a big job running meanwhile took 1.6-1.9×
+# as long (docs/benchmarks.md).
+INLINE_SHARE = 0.125
+INLINE_PACE_MAX_S = 0.02
 # Retry-After bounds (seconds) and the throughput assumed before anything was measured (rows/s).
 RETRY_AFTER_BOUNDS = (1, 60)
 INITIAL_ROWS_PER_S = 200_000.0
@@ -98,10 +105,16 @@ class FairScheduler:
         self.rows_computed = 0
         self.engine_calls = 0
         self._jobs: list[FairJob] = []  # live: not every row assigned yet, or some still computing
-        self._cond = threading.Condition()
+        # Workers wait on _cond for work to plan; wait_idle waits on _idle (the same lock) for jobs to end. Two
+        # conditions so that finishing a call wakes no idle worker: a wake-up per tiny inline job cost the event
+        # loop a GIL round trip with each woken worker, for nothing to plan.
+        lock = threading.RLock()
+        self._cond = threading.Condition(lock)
+        self._idle = threading.Condition(lock)
         self._busy = 0  # engine calls in progress (workers and inline)
         self._accepting, self._stopping, self._paused = True, False, False
         self._rows_per_s = INITIAL_ROWS_PER_S
+        self._inline_next = 0.0  # time.monotonic() from which a tiny job may run inline while workers compute
         self._threads = [
             threading.Thread(target=self._work, name=f"iwae-fair-{name}-{i}", daemon=True) for i in range(workers)
         ]
@@ -134,7 +147,7 @@ class FairScheduler:
                 left = end - time.monotonic()
                 if left <= 0:
                     return False
-                self._cond.wait(left)
+                self._idle.wait(left)
         return True
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -143,6 +156,7 @@ class FairScheduler:
             self._accepting, self._stopping = False, True
             live, self._jobs = self._jobs, []
             self._cond.notify_all()
+            self._idle.notify_all()
         for job in live:
             self._fail(job, DrainingError("the service is shutting down"))
         for t in self._threads:
@@ -198,6 +212,7 @@ class FairScheduler:
                 self.observer.rejected(refusal.reason)
                 raise refusal
             inline = inline_ok and self._may_run_inline(job)
+            workers_busy = self._busy > 0
             if inline:
                 self._busy += 1
                 job.assigned = job.rows
@@ -206,8 +221,19 @@ class FairScheduler:
             if not inline:
                 self._cond.notify()
                 return job
+        start = time.monotonic()
         self._run_pieces([(job, 0, job.rows)])  # a tiny job: no thread hand-off, no wait behind a big chunk
+        if workers_busy:
+            end = time.monotonic()
+            self._inline_next = end + min(INLINE_PACE_MAX_S, (end - start) * (1 / INLINE_SHARE - 1))
         return job
+
+    def inline_pace(self, rows: int) -> float:
+        """Seconds a tiny job of ``rows`` rows should wait before it is submitted, so that inline jobs take at
+        most INLINE_SHARE of the event loop while workers compute (0 when they are idle, or for other jobs)."""
+        if rows > INLINE_MAX_ROWS or self._busy == 0:
+            return 0.0
+        return max(0.0, self._inline_next - time.monotonic())
 
     def _may_run_inline(self, job: FairJob) -> bool:
         """A tiny job runs on the caller's thread at once unless another small job waits: then it joins it in
@@ -276,7 +302,7 @@ class FairScheduler:
         self.observer.dropped(reason)
         self.observer.queued_cost(self._queued_cost())
         self._fail(job, exc)
-        self._cond.notify_all()
+        self._idle.notify_all()
 
     # --- execution ----------------------------------------------------------------------------------
     def _work(self) -> None:
@@ -328,7 +354,8 @@ class FairScheduler:
                     self._jobs.remove(job)
                     done.append(job)
             self.observer.queued_cost(self._queued_cost())
-            self._cond.notify_all()
+            # Completing rows creates no work to plan (a worker plans again itself when its call ends).
+            self._idle.notify_all()
         self.observer.compute(seconds, rows)
         if error is not None:
             for job in done:

@@ -143,8 +143,16 @@ def parse_infer_request(body: bytes, header_length: str | None, spec: ModelSpec)
     )
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+def _integer(v: Any) -> int | None:
+    """``v`` as an integer if it is one in JSON's sense (JSON Schema counts 5.0 as an integer; true is not
+    one), else None."""
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, int):
+        return v
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    return None
 
 
 def _parameters(raw: Any, spec: ModelSpec) -> dict[str, Any]:
@@ -156,16 +164,22 @@ def _parameters(raw: Any, spec: ModelSpec) -> dict[str, Any]:
     unknown = sorted(set(raw) - set(known))
     if unknown:
         raise ProtocolError(f"unknown parameter(s) {', '.join(unknown)}; this model takes {', '.join(known)}")
-    if "k" in raw and not (_is_int(raw["k"]) and 1 <= raw["k"] <= spec.max_k):
-        raise ProtocolError(f"parameter k must be an integer from 1 to {spec.max_k} (IWAE_MAX_K); got {raw['k']!r}")
-    if "seed" in raw and not (_is_int(raw["seed"]) and 0 <= raw["seed"] <= MAX_SEED):
-        raise ProtocolError(f"parameter seed must be an integer from 0 to 2^63 - 1; got {raw['seed']!r}")
-    if "binarize" in raw and raw["binarize"] not in {b.value for b in Binarize}:
+    out = dict(raw)
+    if "k" in raw:
+        out["k"] = _integer(raw["k"])
+        if out["k"] is None or not 1 <= out["k"] <= spec.max_k:
+            raise ProtocolError(f"parameter k must be an integer from 1 to {spec.max_k} (IWAE_MAX_K); got {raw['k']!r}")
+    if "seed" in raw:
+        out["seed"] = _integer(raw["seed"])
+        if out["seed"] is None or not 0 <= out["seed"] <= MAX_SEED:
+            raise ProtocolError(f"parameter seed must be an integer from 0 to 2^63 - 1; got {raw['seed']!r}")
+    # A list is not a string: compared as one rather than hashed (an unhashable value must be a 400, not a 500).
+    if "binarize" in raw and raw["binarize"] not in [b.value for b in Binarize]:
         choices = ", ".join(b.value for b in Binarize)
         raise ProtocolError(f"parameter binarize must be one of {choices}; got {raw['binarize']!r}")
     if "binary_data_output" in raw and not isinstance(raw["binary_data_output"], bool):
         raise ProtocolError("parameter binary_data_output must be true or false")
-    return raw
+    return out
 
 
 def _images(inputs: Any, binary: bytes, spec: ModelSpec) -> np.ndarray:
@@ -212,11 +226,13 @@ def _images(inputs: Any, binary: bytes, spec: ModelSpec) -> np.ndarray:
 
 def _datatype_and_shape(tensor: dict[str, Any], spec: ModelSpec) -> tuple[np.dtype, list[int]]:
     datatype = tensor.get("datatype")
-    if datatype not in DATATYPES:
+    if not isinstance(datatype, str) or datatype not in DATATYPES:
         raise ProtocolError(f"input {INPUT_NAME!r} has datatype {datatype!r}; expected one of {', '.join(DATATYPES)}")
     shape = tensor.get("shape")
-    if not isinstance(shape, list) or not all(_is_int(s) and s >= 0 for s in shape):
+    dims = [_integer(s) for s in shape] if isinstance(shape, list) else [None]
+    if not all(d is not None and d >= 0 for d in dims):
         raise ProtocolError(f"input {INPUT_NAME!r}: 'shape' must be a list of non-negative integers")
+    shape = [int(d) for d in dims]  # type: ignore[arg-type]
     ok = (len(shape) == 2 and shape[1] == spec.x_dim) or (
         spec.image_shape is not None and len(shape) == 3 and tuple(shape[1:]) == spec.image_shape
     )
@@ -239,8 +255,10 @@ def _binary_size(params: Any) -> int | None:
     unknown = sorted(set(params) - {"binary_data_size"})
     if unknown:
         raise ProtocolError(f"input {INPUT_NAME!r}: unknown parameter(s) {', '.join(unknown)}")
-    size = params.get("binary_data_size")
-    if size is not None and not (_is_int(size) and size >= 0):
+    if "binary_data_size" not in params:
+        return None
+    size = _integer(params["binary_data_size"])
+    if size is None or size < 0:
         raise ProtocolError(f"input {INPUT_NAME!r}: binary_data_size must be a non-negative integer")
     return size
 
@@ -274,12 +292,16 @@ def _requested_outputs(raw: Any, binary_default: bool, spec: ModelSpec) -> tuple
     out: list[RequestedOutput] = []
     for entry in raw:
         name = entry.get("name")
+        unknown = sorted(set(entry) - {"name", "parameters"})
+        if unknown:
+            raise ProtocolError(f"unknown field(s) {unknown} in output {name!r}")
         if name not in spec.outputs:
             hint = " (the model's card holds no test-set quantiles)" if name == PERCENTILE else ""
             raise ProtocolError(f"unknown output {name!r}{hint}; the model's outputs are {', '.join(spec.outputs)}")
         if any(o.name == name for o in out):
             raise ProtocolError(f"output {name!r} is requested twice")
-        params = entry.get("parameters") or {}
+        params = entry.get("parameters")
+        params = {} if params is None else params
         if not isinstance(params, dict) or set(params) - {"binary_data"}:
             raise ProtocolError(f"output {name!r}: the only output parameter is binary_data")
         binary = params.get("binary_data", binary_default)

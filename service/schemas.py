@@ -146,3 +146,75 @@ class HealthResponse(BaseModel):
 class ReadyResponse(BaseModel):
     status: str
     models: list[str]
+
+
+# --- Open Inference Protocol (/v2): the protocol's own bodies ---------------------------------------------
+class V2Error(BaseModel):
+    error: str = Field(description="What is wrong, naming the offending field, parameter or limit.")
+
+
+class V2ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class V2Live(BaseModel):
+    live: bool
+
+
+class V2Ready(BaseModel):
+    ready: bool
+
+
+class V2ModelReady(BaseModel):
+    name: str
+    ready: bool
+
+
+class V2TensorMetadata(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int] = Field(description="-1 for the batch dimension N.")
+
+
+class V2ModelMetadata(BaseModel):
+    name: str
+    platform: str
+    inputs: list[V2TensorMetadata]
+    outputs: list[V2TensorMetadata]
+
+
+class V2ConfigTensor(BaseModel):
+    name: str
+    data_type: str
+    dims: list[int]
+
+
+class V2ModelConfig(BaseModel):
+    name: str
+    platform: str
+    max_batch_size: int
+    input: list[V2ConfigTensor]
+    output: list[V2ConfigTensor]
+
+
+class V2OutputParameters(BaseModel):
+    binary_data_size: int = Field(description="Bytes of this output after the JSON header (binary outputs).")
+
+
+class V2OutputTensor(BaseModel):
+    name: str
+    datatype: str = Field(description="Always FP64.")
+    shape: list[int] = Field(description="[N].")
+    data: list[float | None] | None = Field(
+        None, description="The values (JSON outputs); null for NaN (the stderr of k = 1). Absent for binary outputs."
+    )
+    parameters: V2OutputParameters | None = None
+
+
+class V2InferResponse(BaseModel):
+    model_name: str
+    id: str | None = Field(None, description="The request's id, echoed when it had one.")
+    parameters: dict[str, Any] = Field(description="k, seed, binarize and (with quantiles) percentile_k.")
+    outputs: list[V2OutputTensor]

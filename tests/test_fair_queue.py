@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -17,6 +18,8 @@ import torch
 from models.engine import bound_stats, engine_log_weights
 from models.noise import request_noise
 from service.fair_queue import (
+    INLINE_MAX_ROWS,
+    INLINE_PACE_MAX_S,
     CancelledJobError,
     ClientGoneError,
     DeadlineError,
@@ -311,4 +314,29 @@ async def test_client_disconnect_cancels_a_running_big_job_within_one_chunk() ->
         assert at_gone > 0 and sched.rows_computed <= at_gone + 3 * 64 < big.rows
         assert "client_gone" in obs.reasons
     finally:
+        sched.stop()
+
+
+def test_tiny_inline_jobs_are_paced_only_while_workers_compute() -> None:
+    sched, _ = scheduler()
+    release = threading.Event()
+    try:
+        sched.submit_loglik(images(1, 0), k=50, seed=3)  # inline, the workers idle
+        assert sched.inline_pace(50) == 0.0
+        busy = sched.submit_call(lambda: release.wait(30), cost=10**6)
+        deadline = time.monotonic() + 30
+        while busy.started is None:  # the worker has taken it
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        tiny = sched.submit_loglik(images(1, 1), k=50, seed=4)
+        assert tiny.future.done()  # still computed at once, on this thread
+        pause = sched.inline_pace(50)
+        assert 0.0 < pause <= INLINE_PACE_MAX_S  # but the next tiny job waits a while before it runs
+        assert sched.inline_pace(INLINE_MAX_ROWS + 1) == 0.0  # other jobs go to the workers, unpaced
+        release.set()
+        busy.future.result(30)
+        assert sched.wait_idle(30)
+        assert sched.inline_pace(50) == 0.0  # the workers are idle again
+    finally:
+        release.set()
         sched.stop()

@@ -231,3 +231,49 @@ def test_json_response_without_binary_has_no_header_length(server: str) -> None:
     assert len(r.content) - n == sum(o["parameters"]["binary_data_size"] for o in header["outputs"]) == 6 * 8
     loglik = np.frombuffer(r.content[n : n + 8], dtype="<f8")
     np.testing.assert_array_equal(loglik, native(server, images(1), k=5, seed=1)["loglik"])
+
+
+def test_values_of_the_wrong_json_type_are_400_never_500(server: str) -> None:
+    """Found by the schemathesis run over /v2 (tests/test_schemathesis.py): unhashable values where a string
+    is expected were a 500, and unknown fields or a non-object in an output entry were ignored."""
+    good = {"name": "images", "shape": [1, 784], "datatype": "FP32", "data": images(1).reshape(-1).tolist()}
+    cases = [
+        ({"inputs": [good], "parameters": {"binarize": {"a": 1}}}, "parameter binarize"),
+        ({"inputs": [good], "parameters": {"binarize": ["none"]}}, "parameter binarize"),
+        ({"inputs": [{**good, "datatype": ["FP32"]}]}, "datatype"),
+        ({"inputs": [good], "outputs": [{"name": "ess", "extra": 42}]}, "unknown field(s) ['extra']"),
+        ({"inputs": [good], "outputs": [{"name": "ess", "parameters": []}]}, "the only output parameter"),
+        ({"inputs": [{**good, "parameters": {"binary_data_size": None}}]}, "binary_data_size"),
+        ({"inputs": [good], "parameters": {"k": 2.5}}, "parameter k"),
+        ({"inputs": [{**good, "shape": [1, 784.5]}]}, "'shape'"),
+    ]
+    for body, message in cases:
+        r = httpx.post(f"{server}/v2/models/tiny/infer", json=body)
+        assert r.status_code == 400, (body, r.text)
+        assert message in r.json()["error"], (message, r.json())
+
+
+def test_integral_json_numbers_are_integers(server: str) -> None:
+    """JSON Schema (and so the OpenAPI schema) counts 5.0 as an integer: the server agrees, with the same answer."""
+    x = images(1)
+    body = {"inputs": [{"name": "images", "shape": [1.0, 784], "datatype": "FP32", "data": x.reshape(-1).tolist()}]}
+    r = httpx.post(f"{server}/v2/models/tiny/infer", json={**body, "parameters": {"k": 5.0, "seed": 3.0}})
+    assert r.status_code == 200, r.text
+    assert r.json()["parameters"]["k"] == 5 and r.json()["parameters"]["seed"] == 3
+    loglik = next(o["data"] for o in r.json()["outputs"] if o["name"] == "loglik")
+    np.testing.assert_array_equal(loglik, native(server, x, k=5, seed=3)["loglik"])
+
+
+def test_openapi_declares_what_the_v2_routes_answer(server: str) -> None:
+    spec = httpx.get(f"{server}/openapi.json").json()
+    infer = spec["paths"]["/v2/models/{name}/infer"]["post"]
+    assert sorted(infer["responses"]) == ["200", "400", "404", "413", "503", "504"]
+    assert infer["responses"]["400"]["content"]["application/json"]["schema"]["$ref"].endswith("/V2Error")
+    assert set(infer["responses"]["200"]["content"]) == {"application/json", "application/octet-stream"}
+    body = infer["requestBody"]["content"]["application/json"]["schema"]
+    assert body["properties"]["parameters"]["properties"]["k"]["maximum"] == 5000  # IWAE_MAX_K
+    names = spec["paths"]["/v2/models/{name}"]["get"]["parameters"][0]["schema"]["enum"]
+    assert "tiny" in names
+    assert all(
+        "422" not in op["responses"] for p, ops in spec["paths"].items() if p.startswith("/v2") for op in ops.values()
+    )

@@ -5,18 +5,27 @@ The models and limits are small so that every request the schema allows is cheap
 that images × k never passes IWAE_MAX_REQUEST_COST (a product of two fields no schema can state). /reconstruct's
 product, images × (samples + 1) decoded images at most IWAE_MAX_N, cannot be kept in bounds that way (it
 would need samples < 0): cases over it are skipped, and its 413 is tested in tests/test_web.py.
+
+The Open Inference Protocol's inference request has two rules that relate fields (its schema's description
+states them): a tensor's `data` holds as many values as its `shape` says, and no output is named twice. A
+generated positive case is made to keep them (its values cycled to the right count, repeated outputs dropped)
+so that it tests everything else; tests/test_oip.py checks that breaking them is a 400.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import schemathesis
 from hypothesis import HealthCheck, assume, settings
 from schemathesis.config import SchemathesisConfig
 from schemathesis.config._checks import NEGATIVE_DATA_REJECTION_EXPECTED_STATUSES
+from schemathesis.generation import GenerationMode
 from schemathesis.python import asgi
 
 from service.app import create_app
@@ -45,9 +54,20 @@ _wait_ready()
 CONFIG = SchemathesisConfig.from_dict(
     {"checks": {"negative_data_rejection": {"expected-statuses": [*NEGATIVE_DATA_REJECTION_EXPECTED_STATUSES, "413"]}}}
 )
-# The Open Inference Protocol routes (/v2) answer in the protocol's own error format and do not declare their
-# error statuses in the OpenAPI schema yet: they are checked by tests/test_oip.py, not here.
-schema = schemathesis.openapi.from_asgi("/openapi.json", APP, config=CONFIG).exclude(path_regex="^/v2")
+schema = schemathesis.openapi.from_asgi("/openapi.json", APP, config=CONFIG)
+
+
+def _consistent_infer_request(body: dict[str, Any]) -> None:
+    """Keep the cross-field rules of a v2 inference request (the module docstring): in place."""
+    for tensor in body.get("inputs") or []:
+        if isinstance(tensor.get("shape"), list) and tensor.get("data"):
+            count = int(math.prod(tensor["shape"]))  # JSON Schema's integers include 1.0
+            tensor["data"] = list(itertools.islice(itertools.cycle(tensor["data"]), count))
+    if body.get("outputs"):
+        named: dict[str, Any] = {}
+        for out in body["outputs"]:
+            named.setdefault(out["name"], out)
+        body["outputs"] = list(named.values())
 
 
 @schema.parametrize()
@@ -63,4 +83,11 @@ def test_every_operation_keeps_its_schema_promises(case: schemathesis.Case) -> N
     images = case.body.get("images") if isinstance(case.body, dict) else None
     if case.operation.path == "/reconstruct" and samples.isdigit() and isinstance(images, list):
         assume(len(images) * (int(samples) + 1) <= APP.state.service.settings.max_n)
+    if (
+        case.operation.path == "/v2/models/{name}/infer"
+        and case.meta is not None
+        and case.meta.generation.mode == GenerationMode.POSITIVE
+        and isinstance(case.body, dict)
+    ):
+        _consistent_infer_request(case.body)
     case.call_and_validate()

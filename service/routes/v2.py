@@ -16,7 +16,7 @@ from fastapi import APIRouter, Path, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 
-from service import oip
+from service import oip, schemas
 from service.deps import ModelRequest, service_state
 from service.errors import ServiceError
 from service.fair_jobs import LoglikResult
@@ -30,6 +30,18 @@ ModelName = Annotated[str, Path(description="Model name, as listed by GET /model
 # Statuses of the native errors that become 400 here: the protocol answers bad requests with 400.
 _AS_BAD_REQUEST = {415, 422}
 CLIENT_CLOSED_REQUEST = 499
+# What each error status of the /v2 routes means; the body is always schemas.V2Error.
+V2_ERROR_TEXT = {
+    400: "Bad request: invalid JSON, an unknown field or parameter, a wrong datatype or shape, data that does not "
+    "match its shape, inconsistent binary sizes, invalid pixels (the native routes' 415 and 422 are 400 here); "
+    "for the readiness routes: not ready yet.",
+    404: "Unknown model (the message lists the loaded ones).",
+    413: "Body over IWAE_MAX_BODY_BYTES (refused unread), more than IWAE_MAX_IMAGES images, or images × k over "
+    "IWAE_MAX_REQUEST_COST.",
+    503: "Models still loading, the model's queue is full, or the service is draining; Retry-After says when to "
+    "come back.",
+    504: "The request was not done within IWAE_TIMEOUT_S.",
+}
 
 
 def _package_version() -> str:
@@ -51,6 +63,12 @@ def _as_response(exc: Exception) -> Response:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
     status = 400 if exc.status in _AS_BAD_REQUEST else exc.status
     return JSONResponse({"error": exc.message}, status_code=status, headers=getattr(exc, "headers", None))
+
+
+def _responses(ok: type[schemas.BaseModel], *errors: int) -> dict[int | str, dict[str, Any]]:
+    out: dict[int | str, dict[str, Any]] = {200: {"model": ok}}
+    out.update({c: {"model": schemas.V2Error, "description": V2_ERROR_TEXT[c]} for c in errors})
+    return out
 
 
 def _state(request: Request) -> ServiceState:
@@ -78,21 +96,31 @@ async def _run_loglik(request: Request, lm: LoadedModel, x: torch.Tensor, k: int
 def add_routes(r: APIRouter, settings: Settings) -> None:
     tags: list[str | Enum] = ["Open Inference Protocol (v2)"]
 
-    @r.get("/v2", tags=tags, summary="Server metadata")
+    @r.get("/v2", tags=tags, summary="Server metadata", response_model=schemas.V2ServerMetadata)
     async def server_metadata() -> dict[str, Any]:
         return oip.server_metadata(_package_version())
 
-    @r.get("/v2/health/live", tags=tags, summary="Server liveness")
+    @r.get("/v2/health/live", tags=tags, summary="Server liveness", response_model=schemas.V2Live)
     async def live() -> dict[str, Any]:
         return {"live": True}
 
-    @r.get("/v2/health/ready", tags=tags, summary="Server readiness: every model loaded and warmed up (400 before)")
+    @r.get(
+        "/v2/health/ready",
+        tags=tags,
+        summary="Server readiness: every model loaded and warmed up (400 before)",
+        responses=_responses(schemas.V2Ready, 400),
+    )
     async def ready(request: Request) -> Response:
         if _state(request).ready:
             return JSONResponse({"ready": True})
         return _error("not ready: models are loading or warming up")
 
-    @r.get("/v2/models/{name}", tags=tags, summary="Model metadata: its input and outputs")
+    @r.get(
+        "/v2/models/{name}",
+        tags=tags,
+        summary="Model metadata: its input and outputs",
+        responses=_responses(schemas.V2ModelMetadata, 404, 503),
+    )
     async def model_metadata(request: Request, name: ModelName) -> Response:
         try:
             lm = _state(request).loaded(name)
@@ -100,7 +128,12 @@ def add_routes(r: APIRouter, settings: Settings) -> None:
             return _as_response(e)
         return JSONResponse(oip.model_metadata(lm.name, _model_spec(lm, settings)))
 
-    @r.get("/v2/models/{name}/config", tags=tags, summary="Triton's model configuration (for perf_analyzer)")
+    @r.get(
+        "/v2/models/{name}/config",
+        tags=tags,
+        summary="Triton's model configuration (for perf_analyzer)",
+        responses=_responses(schemas.V2ModelConfig, 404, 503),
+    )
     async def model_config(request: Request, name: ModelName) -> Response:
         try:
             lm = _state(request).loaded(name)
@@ -108,7 +141,12 @@ def add_routes(r: APIRouter, settings: Settings) -> None:
             return _as_response(e)
         return JSONResponse(oip.model_config(lm.name, _model_spec(lm, settings)))
 
-    @r.get("/v2/models/{name}/ready", tags=tags, summary="Model readiness")
+    @r.get(
+        "/v2/models/{name}/ready",
+        tags=tags,
+        summary="Model readiness (400 while the service warms up)",
+        responses=_responses(schemas.V2ModelReady, 400, 404, 503),
+    )
     async def model_ready(request: Request, name: ModelName) -> Response:
         state = _state(request)
         try:
@@ -126,6 +164,8 @@ def add_routes(r: APIRouter, settings: Settings) -> None:
         description="The images as one tensor `images` (FP32, FP64, UINT8 0-255 or BOOL; [N, x_dim] or "
         "[N, H, W]), parameters k, seed, binarize; outputs loglik, stderr, ess, elbo, bits_per_dim (and "
         "percentile) as FP64 [N]. Supports the binary tensor data extension. See docs/service.md.",
+        responses=_infer_responses(),
+        openapi_extra=_INFER_BODY,
     )
     async def infer(request: Request, name: ModelName) -> Response:
         try:
@@ -144,6 +184,29 @@ def add_routes(r: APIRouter, settings: Settings) -> None:
                 headers={"Allow": ", ".join(allowed)},
             )
         return _error(f"no such endpoint /v2/{path}; see docs/service.md for the v2 routes", 404)
+
+
+# The request body as FastAPI cannot know it (the route reads the body itself): the JSON schema here is generic,
+# service/openapi_truth.py makes it exact from the loaded models. Binary requests (the extension) are a JSON
+# header followed by the tensor bytes, with the header's length in Inference-Header-Content-Length.
+_INFER_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "description": "An inference request: JSON, or (binary tensor data extension) a JSON header followed "
+        "by the tensor's bytes, the header's length given by the Inference-Header-Content-Length header.",
+        "content": {
+            "application/json": {"schema": {"type": "object"}},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+
+
+def _infer_responses() -> dict[int | str, dict[str, Any]]:
+    out = _responses(schemas.V2InferResponse, 400, 404, 413, 503, 504)
+    # Binary outputs: the JSON header, then the outputs' bytes (Inference-Header-Content-Length).
+    out[200]["content"] = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
+    return out
 
 
 def _allowed_methods(request: Request) -> list[str]:
