@@ -394,16 +394,23 @@ def sweep(args: argparse.Namespace, device: torch.device, sizes: list[int], cpu_
     return 0
 
 
-def run_each_thread_count(argv: list[str], thread_list: list[int], args: argparse.Namespace) -> int:
-    """Run this script once per thread count, each in a fresh process (the compiled kernel's OpenMP thread
-    count is fixed when it is compiled), print each run's table, then a summary."""
+def child_argv(argv: list[str]) -> list[str]:
+    """``argv`` without --threads (either spelling, with its value) and --json: what each per-thread-count
+    child gets before its own ``--threads N --json``."""
     base: list[str] = []
     args_iter = iter(argv)
-    for a in args_iter:  # the child gets every argument but --threads (either spelling) and --json
+    for a in args_iter:
         if a == "--threads":
             next(args_iter, None)
         elif not a.startswith("--threads=") and a != "--json":
             base.append(a)
+    return base
+
+
+def run_each_thread_count(argv: list[str], thread_list: list[int], args: argparse.Namespace) -> int:
+    """Run this script once per thread count, each in a fresh process (the compiled kernel's OpenMP thread
+    count is fixed when it is compiled), print each run's table, then a summary."""
+    base = child_argv(argv)
     results: list[dict[str, Any]] = []
     for n in thread_list:
         cmd = [sys.executable, str(Path(__file__).resolve()), *base, "--threads", str(n), "--json"]
