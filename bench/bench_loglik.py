@@ -138,8 +138,8 @@ def engine_lk_workers(
 ) -> torch.Tensor:
     """The engine data-parallel: the k samples split into ``workers`` contiguous ranges, each computed by a
     pool thread with one torch thread, as the service's engine workers run chunks. No OpenMP fork/join per
-    op, so a descheduled core delays only its own range. Each row's log w depends only on its image and noise,
-    so the result is the engine's."""
+    op, so a descheduled core delays only its own range. Each row's log w depends only on its image and noise
+    (up to float32 rounding where the chunk boundaries move), so the result is the engine's."""
     k = noise[0].shape[0]
     cuts = [k * i // workers for i in range(workers + 1)]
     parts = pool.map(

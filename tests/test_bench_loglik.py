@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,22 @@ def test_tuned_reference_is_the_fastest_chunk_tried(
     assert res["threads"] == 1 and res["kernels"].startswith("eager")
     assert res["max_abs_diff"] < 1e-3
     assert all(v > 0 for v in res["limit"] + res["eng"])
+
+
+def test_data_parallel_engine_gives_the_engines_numbers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bench's workers row splits the samples between threads: the same L_k as one engine call."""
+    monkeypatch.setattr(engine_mod, "_KERNELS", {})
+    monkeypatch.setenv(engine_mod.COMPILE_ENV, "0")
+    model, x, noise = bench_loglik.make_problem(1, 3, 101, torch.device("cpu"), seed=1)
+    threads = torch.get_num_threads()
+    try:
+        with ThreadPoolExecutor(2, initializer=bench_loglik.one_torch_thread) as pool:
+            split = bench_loglik.engine_lk_workers(pool, 2, model, x, noise, chunk_rows=60)
+    finally:
+        torch.set_num_threads(threads)  # the pool's threads set the process-wide default too
+    whole = bench_loglik.engine_lk(model, x, noise, chunk_rows=60)
+    assert split.shape == whole.shape == (3,)
+    assert float((split - whole).abs().max()) < 1e-4
 
 
 def test_each_thread_count_child_gets_the_other_arguments() -> None:
