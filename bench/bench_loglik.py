@@ -9,7 +9,9 @@ One run measures, for the paper's 1-layer architecture by default:
     chunked over k, then logsumexp, at each of a few chunk sizes (``--ref-chunks``, default 256, 512, 1,024
     and 4,000 rows): the fastest in this run is the *tuned reference* the engine is compared with, so that
     the engine's lead is not just a cache-friendlier chunk size (the best chunk is chosen per column);
-(c) the engine: ``engine_log_weights``, then logsumexp;
+(c) the engine: ``engine_log_weights``, then logsumexp; with several torch threads also the engine
+    data-parallel (the samples split between as many worker threads, each on one torch thread, as the
+    service's engine workers run it: no OpenMP fork/join per op);
 
 and prints a markdown table with images/s of each, the engine's ratio to the tuned reference, and both as a
 fraction of the
