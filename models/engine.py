@@ -10,8 +10,8 @@ each step and has the measurements):
   noise norms). Its softplus-sum pools the logs: softplus(z) = max(z, 0) + log(1 + e^-|z|) and
   Σ_d log(1 + e^-|z_d|) = Σ_lanes log Π (1 + e^-|z|) over 16 lanes of 49 factors, each in (1, 2], so one
   exp per pixel and one log per 49 pixels, and no product can overflow;
-- hidden layers are a matmul into a preallocated buffer plus an in-place tanh; every buffer is allocated
-  once per call and reused by every chunk;
+- hidden layers are a matmul into a preallocated buffer plus an in-place tanh (on CPUs as 2σ(2a) − 1, 4.5x
+  faster than MKL's tanh on AMD); every buffer is allocated once per call and reused by every chunk;
 - samples are processed in chunks of rows (and large batches in groups of images), so memory stays within
   budget whatever k and B are;
 - log q uses the noise directly ((h - mean)/std == eps), and the first encoder layer runs once per image.
@@ -241,6 +241,22 @@ def kernels(model: IWAE) -> Kernels:
         return chosen
 
 
+def tanh_(a: torch.Tensor) -> torch.Tensor:
+    """tanh in place: a hidden layer's pre-activations [R, H] -> its activations, the same tensor.
+
+    On CPUs as 2σ(2a) − 1, three in-place passes with torch's vectorised sigmoid: torch's own ``tanh_`` calls
+    MKL's VML, which on this AMD EPYC (Zen 4) takes 540 ns per 200-wide row against 120 for these three passes
+    (one thread, measured; it was the engine's largest cost after the matmuls). The identity is exact; the
+    difference is rounding, ≤ 2e-7 in float32 (near 0, where 2σ − 1 cancels), against tanh_'s 3e-8, far below
+    the next matmul's own rounding. GPUs keep ``tanh_``. The engine and the row engine (models/rows.py) both
+    use this, so that their numbers agree.
+    """
+    if a.device.type != "cpu":
+        return a.tanh_()
+    # 2s - 1 as one pass (add with alpha) rather than mul_ then sub_: 10% less time, the same rounding.
+    return torch.add(a.new_full((), -1.0), a.mul_(2).sigmoid_(), alpha=2, out=a)
+
+
 # --- the engine -------------------------------------------------------------------------------------
 
 
@@ -347,7 +363,7 @@ def _log_weights_chunked(model: IWAE, x: torch.Tensor, noise: list[torch.Tensor]
         # Bottom decoder: matmuls into preallocated buffers, in-place bias + tanh, one fused pass at the end.
         a = hs[0].view(r, -1)
         for lin, w_t, buf in zip(hidden, weights_t, hid_bufs, strict=True):
-            a = torch.addmm(lin.bias, a, w_t, out=buf[:r]).tanh_()
+            a = tanh_(torch.addmm(lin.bias, a, w_t, out=buf[:r]))
         logits = torch.mm(a, out_t, out=logits_buf[:r])
         e_1 = eps_buf[:c].copy_(eps[0]).view(r, -1)
         h_top = hs[-1].reshape(r, -1)  # made here: contiguous, an inference tensor

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from models.distributions import LOG_2PI
-from models.engine import BoundStats, _row_terms_plain, kernels, upper_layers
+from models.engine import BoundStats, _row_terms_plain, kernels, tanh_, upper_layers
 from models.networks import IWAE
 from models.psis import pareto_k, reliable
 from models.uncertainty import lk_stderr
@@ -73,7 +73,7 @@ def row_log_weights(model: IWAE, terms: ImageTerms, image: torch.Tensor, noise: 
     decoder = model.p[0]
     a = hs[0]
     for lin in decoder.hidden.layers:
-        a = torch.addmm(lin.bias, a, lin.weight.t()).tanh_()
+        a = tanh_(torch.addmm(lin.bias, a, lin.weight.t()))
     out = decoder.logits
     logits = torch.mm(a, out.weight.t())
     # The compiled kernel specialises on a row count of 1; such tiny calls gain nothing from it anyway.
