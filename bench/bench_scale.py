@@ -32,13 +32,33 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-from bench_service import Conn, checkpoint, free_port, npy_bytes, start_server, stop_server  # noqa: E402
+from bench_service import (  # noqa: E402
+    Conn,
+    free_port,
+    npy_bytes,
+    service_cmd,
+    service_env,
+    start_server,
+    stop_server,
+)
+
+from service.settings import DEFAULT_MODEL, DEFAULT_MODELS_DIR  # noqa: E402
 
 INSIDE = "IWAE_BENCH_NETNS"
 K = 5000
 CLIENTS = 16
 NPY = "application/x-npy"
 EVAL_MEMORY = 32 * 2**20  # 8 images per batch at k = 5000: shards split on batch boundaries
+
+
+def checkpoint(path: Path | None) -> tuple[Path, str]:
+    """(the checkpoint, how the table describes it): the shipped default model unless one is given."""
+    from models.checkpoint import from_bytes
+
+    path = path or DEFAULT_MODELS_DIR / f"{DEFAULT_MODEL}.safetensors"
+    _, card, _ = from_bytes(path.read_bytes(), source=str(path))
+    shown = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+    return path, f"`{shown}` ({card.get('objective', '?')}, {card.get('epochs', '?')} epochs)"
 
 
 def images(n: int = 64) -> list[bytes]:
@@ -110,10 +130,13 @@ def run(a: argparse.Namespace) -> str:
 
     torch.set_num_threads(1)
     tmp = Path(tempfile.mkdtemp(prefix="bench-scale-"))
-    ckpt_dir, model, described = checkpoint(tmp, a.checkpoint)
-    settings = {"models": [str(ckpt_dir / f"{model}.safetensors")], "default_model": model, "device": "cpu"}
-    settings["threads"] = 1
-    proc, server_port = start_server(ckpt_dir, model, True, 1, tmp / "server.log")
+    ckpt, described = checkpoint(a.checkpoint)
+    model = ckpt.name.removesuffix(".safetensors")
+    # One thread and one engine worker everywhere: the comparison is per core.
+    settings = {"models": [str(ckpt)], "default_model": model, "device": "cpu", "threads": 1, "engine_workers": 1}
+    server_port = free_port()
+    env = {**service_env(ckpt, 1), "IWAE_ENGINE_WORKERS": "1"}
+    proc = start_server(service_cmd(server_port), ROOT, env, server_port, tmp / "server.log")
     node = {"num_cpus": 1, "node_ip_address": "127.0.0.1"}
     cluster = Cluster(initialize_head=True, head_node_args={**node, "include_dashboard": False})
     try:
@@ -131,7 +154,7 @@ def run(a: argparse.Namespace) -> str:
                 print(f"{name}: {rps[name][-1]:.2f} req/s", flush=True)
         serve.shutdown()
         stop_server(proc)
-        eval_rate = bench_eval(ckpt_dir / f"{model}.safetensors", a.eval_images, a.rounds)
+        eval_rate = bench_eval(ckpt, a.eval_images, a.rounds)
         print(f"eval: {eval_rate}", flush=True)
     finally:
         if proc.poll() is None:
