@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from models.config import ModelConfig
-from models.networks import IWAE
+from models.networks import IWAE, MLP
 from training.datasets import Dataset, load_dataset
 from training.train import TrainConfig, train
 
@@ -221,23 +221,27 @@ def ablation(args: argparse.Namespace, k: int = 50, steps: int = 20) -> list[tup
     plain_adam = torch.optim.Adam(model.parameters(), lr=1e-4, betas=ADAM_BETAS, eps=ADAM_EPS)
     kernel, _ = output_kernel(device, torch.float32, model.config.x_dim)
     variants = [
-        ("autograd step, torch.optim.Adam defaults (the previous step)", None, plain_adam),
-        ("+ fused Adam", None, make_optimizer(model, 1e-4)),
-        ("+ fused output layer, eager kernel", softplus_sum_sigmoid_eager, make_optimizer(model, 1e-4)),
-        ("+ compiled kernel (pooled logs)", kernel, make_optimizer(model, 1e-4)),
+        ("autograd step, torch.optim.Adam defaults (the previous step)", None, False, plain_adam),
+        ("+ fused Adam", None, False, make_optimizer(model, 1e-4)),
+        ("+ fused output layer, eager kernel", softplus_sum_sigmoid_eager, False, make_optimizer(model, 1e-4)),
+        ("+ compiled kernel (pooled logs)", kernel, False, make_optimizer(model, 1e-4)),
+        ("+ fused linear + tanh", kernel, True, make_optimizer(model, 1e-4)),
     ]
+    mlps = [m for m in model.modules() if isinstance(m, MLP)]
 
-    def run(fused: object, opt: torch.optim.Optimizer) -> Callable[[], None]:
+    def run(fused: object, fused_tanh: bool, opt: torch.optim.Optimizer) -> Callable[[], None]:
         step = TrainStep(model, opt, surrogate, k)
 
         def go() -> None:
             model.p[0].fused_kernel = fused
+            for mlp in mlps:
+                mlp.fused_tanh = fused_tanh
             for _ in range(steps):
                 step(x)
 
         return go
 
-    runs = [(name, run(fused, opt)) for name, fused, opt in variants]
+    runs = [(name, run(fused, fused_tanh, opt)) for name, fused, fused_tanh, opt in variants]
     times: dict[str, list[Timing]] = {name: [] for name, _ in runs}
     for _, fn in runs:
         fn()  # warm-up

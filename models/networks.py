@@ -15,7 +15,7 @@ from torch import nn
 
 from models.config import ModelConfig
 from models.distributions import LOG_2PI, bernoulli_log_prob, gaussian_log_prob, std_normal_log_prob
-from models.fused import Kernel, bernoulli_output_log_prob
+from models.fused import Kernel, bernoulli_output_log_prob, linear_tanh
 
 # Clipping used by the paper's code before taking the logit of the training pixel mean.
 MEAN_CLIP = 1e-3
@@ -35,10 +35,18 @@ class MLP(nn.Module):
         sizes = (d_in, *hidden)
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(sizes))
         self.d_out = sizes[-1]
+        # Set by the trainer (training/step.py): in training mode each layer runs as one fused linear + tanh
+        # node (models/fused.py, ``LinearTanh``); evaluation keeps torch.tanh.
+        self.fused_tanh = False
 
     def forward(self, x: torch.Tensor, detach: bool = False) -> torch.Tensor:
+        fused = self.fused_tanh and self.training
         for layer in self.layers:
-            x = torch.tanh(_linear(x, layer, detach))
+            if fused:
+                w, b = (layer.weight.detach(), layer.bias.detach()) if detach else (layer.weight, layer.bias)
+                x = linear_tanh(x, w, b)
+            else:
+                x = torch.tanh(_linear(x, layer, detach))
         return x
 
 

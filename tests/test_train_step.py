@@ -15,8 +15,8 @@ from torch.func import functional_call
 
 from models.config import ModelConfig
 from models.estimators import get_surrogate
-from models.fused import output_kernel, softplus_sum_sigmoid_eager
-from models.networks import IWAE
+from models.fused import linear_tanh, output_kernel, softplus_sum_sigmoid_eager
+from models.networks import IWAE, MLP
 from training.checkpoints import load_checkpoint, load_train_state, read_train_state_meta, save_train_state, state_path
 from training.datasets import Dataset, binarize
 from training.step import EpochBatches, make_optimizer, use_fused_output
@@ -98,6 +98,7 @@ def test_fused_step_gradients_equal_the_textbook_step(arch: str, estimator: str)
     want = textbook_grads(model, x, noise, estimator)
     assert "eager" in use_fused_output(model)  # float64: exact eager ops
     assert model.p[0].fused_kernel is not None
+    assert model.training and all(m.fused_tanh for m in model.modules() if isinstance(m, MLP))
     got = fused_grads(model, x, noise, estimator)
     for (name, _), g, w in zip(model.named_parameters(), got, want, strict=True):
         assert torch.allclose(g, w, rtol=1e-10, atol=1e-12), (name, float((g - w).abs().max()))
@@ -130,6 +131,45 @@ def test_kernel_values_and_eager_fallback(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setenv("IWAE_TRAIN_COMPILE", "0")
     _, note = output_kernel(torch.device("cpu"), torch.float32, 48)
     assert note == "eager (IWAE_TRAIN_COMPILE=0)"
+
+
+def test_linear_tanh_values_and_gradients() -> None:
+    """The fused linear + tanh node (tanh as 2σ(2z) - 1): torch.tanh's values to float32 rounding, and the
+    gradients of x, W and b (checked numerically in float64, and against autograd's addmm + tanh)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 7, generator=g, dtype=torch.float64) * 3
+    w = torch.randn(5, 7, generator=g, dtype=torch.float64)
+    b = torch.randn(5, generator=g, dtype=torch.float64)
+    want = torch.tanh(F.linear(x, w, b))
+    assert torch.allclose(linear_tanh(x, w, b), want, rtol=0, atol=1e-15)
+    got32 = linear_tanh(x.float(), w.float(), b.float()).double()
+    assert float((got32 - want).abs().max()) < 5e-7
+    z = torch.linspace(-30, 30, 2001, dtype=torch.float32).view(-1, 1)  # tiny |z| (cancellation) to saturation
+    one = torch.ones(1, 1)
+    assert float((linear_tanh(z, one, torch.zeros(1)) - torch.tanh(z)).abs().max()) < 2.5e-7
+    inputs = [t.clone().requires_grad_() for t in (x, w, b)]
+    assert torch.autograd.gradcheck(linear_tanh, inputs)
+    upstream = torch.randn(3, 4, 5, generator=g, dtype=torch.float64)
+    got = torch.autograd.grad(linear_tanh(*inputs), inputs, upstream)
+    ref = torch.autograd.grad(torch.tanh(F.linear(*inputs)), inputs, upstream)
+    for a, r in zip(got, ref, strict=True):
+        assert torch.allclose(a, r, rtol=1e-12, atol=1e-13)
+
+
+def test_fused_tanh_only_in_training_mode() -> None:
+    """Validation and serving (eval mode) keep torch.tanh to the bit; detached parameters get no gradient."""
+    torch.manual_seed(2)
+    mlp = MLP(6, (5, 4))
+    x = torch.randn(3, 6)
+    plain = mlp(x)
+    mlp.fused_tanh = True
+    assert mlp(x).grad_fn is not None and "LinearTanh" in type(mlp(x).grad_fn).__name__
+    mlp.eval()
+    assert torch.equal(mlp(x), plain)
+    mlp.train()
+    xg = x.clone().requires_grad_()
+    mlp(xg, detach=True).sum().backward()
+    assert xg.grad is not None and all(p.grad is None for p in mlp.parameters())
 
 
 def test_fused_layer_refuses_a_gradient_for_x() -> None:

@@ -21,7 +21,7 @@ import torch
 
 from models.estimators import Surrogate
 from models.fused import output_kernel
-from models.networks import IWAE
+from models.networks import IWAE, MLP
 from training.datasets import binarize
 
 ADAM_BETAS = (0.9, 0.999)
@@ -49,10 +49,14 @@ def keep_freed_memory() -> bool:
 
 
 def use_fused_output(model: IWAE) -> str:
-    """Route the model's log p(x | h) through the fused output layer; returns which kernel it got."""
+    """Route the model's log p(x | h) through the fused output layer and, in training mode, every tanh layer
+    through the fused linear + tanh node (models/fused.py); returns which output kernel it got."""
     param = model.p[0].logits.weight
     kernel, note = output_kernel(param.device, param.dtype, model.config.x_dim)
     model.p[0].fused_kernel = kernel
+    for module in model.modules():
+        if isinstance(module, MLP):
+            module.fused_tanh = True
     return note
 
 
