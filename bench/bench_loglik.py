@@ -54,10 +54,10 @@ from models.config import ModelConfig
 from models.engine import (
     DEFAULT_CHUNK_ROWS,
     engine_log_weights,
-    kernels,
     reference_log_weights,
     rows_for_budget,
 )
+from models.kernels import kernels
 from models.networks import IWAE
 
 # Reference chunk sizes tried, in rows: 256-1,024 fit the cache, 4,000 was the bench's old fixed choice.

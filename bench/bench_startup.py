@@ -143,7 +143,7 @@ registry = ModelRegistry.load(Settings())
 mark(f"load {len(registry.models)} checkpoints")
 import torch._dynamo, torch._inductor.compile_fx
 mark("import torch._dynamo and inductor (torch.compile)")
-from models.engine import kernels
+from models.kernels import kernels
 for name, loaded in registry.models.items():
     note = kernels(loaded.model).note
     mark(f"L_k kernel of {name} ({note})")

@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 
 from models.bounds import iwae_bound, iwae_bound_stderr, log_mean_exp
-from models.engine import engine_log_weights, kernels
+from models.engine import engine_log_weights
+from models.kernels import kernels
 from models.psis import RELIABLE_K_HAT, pareto_k, psis
 from models.uncertainty import block_sizes, block_spread, convergence_rate, lk_stderr, tail_rate
 from training.checkpoints import load_checkpoint

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import torch
 
 from models.distributions import LOG_2PI
-from models.engine import BoundStats, _row_terms_plain, kernels, tanh_, upper_layers
+from models.engine import BoundStats, upper_layers
+from models.kernels import _row_terms_plain, kernels, tanh_
 from models.networks import IWAE
 from models.psis import pareto_k, reliable
 from models.uncertainty import lk_stderr

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-import models.engine as engine_mod
+import models.kernels as kernels_mod
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
@@ -22,8 +22,8 @@ import bench_loglik
 def test_tuned_reference_is_the_fastest_chunk_tried(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setattr(engine_mod, "_KERNELS", {})  # the eager kernel installed here must not leak
-    monkeypatch.setenv(engine_mod.COMPILE_ENV, "0")
+    monkeypatch.setattr(kernels_mod, "_KERNELS", {})  # the eager kernel installed here must not leak
+    monkeypatch.setenv(kernels_mod.COMPILE_ENV, "0")
     argv = ["--k", "16", "--images", "2", "--repeats", "2", "--chunk-rows", "8", "--threads", "1"]
     threads = torch.get_num_threads()
     try:
@@ -44,8 +44,8 @@ def test_tuned_reference_is_the_fastest_chunk_tried(
 
 def test_data_parallel_engine_gives_the_engines_numbers(monkeypatch: pytest.MonkeyPatch) -> None:
     """The bench's workers row splits the samples between threads: the same L_k as one engine call."""
-    monkeypatch.setattr(engine_mod, "_KERNELS", {})
-    monkeypatch.setenv(engine_mod.COMPILE_ENV, "0")
+    monkeypatch.setattr(kernels_mod, "_KERNELS", {})
+    monkeypatch.setenv(kernels_mod.COMPILE_ENV, "0")
     model, x, noise = bench_loglik.make_problem(1, 3, 101, torch.device("cpu"), seed=1)
     threads = torch.get_num_threads()
     try:

@@ -15,21 +15,18 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-import models.engine as engine_mod
+import models.kernels as kernels_mod
 from models.bounds import iwae_bound
 from models.config import ModelConfig
 from models.engine import (
     DEFAULT_CHUNK_ROWS,
-    _row_terms_plain,
-    _softplus_sum_pooled,
     engine_log_weights,
     evaluate_batch,
-    kernels,
     reference_log_weights,
     row_floats,
     rows_for_budget,
-    tanh_,
 )
+from models.kernels import _row_terms_plain, _softplus_sum_pooled, kernels, tanh_
 from models.networks import IWAE
 
 TINY_3LAYER = ModelConfig(x_dim=10, latent_dims=(6, 4, 2), hidden_dims=((9,), (7, 7), (5,)))
@@ -57,7 +54,7 @@ def _noise(model: IWAE, k: int, batch: int, seed: int, dtype: torch.dtype = torc
 def fresh_kernels(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[Any, Any]]:
     """An empty kernel cache for the test, so that whatever it installs does not leak into other tests."""
     cache: dict[Any, Any] = {}
-    monkeypatch.setattr(engine_mod, "_KERNELS", cache)
+    monkeypatch.setattr(kernels_mod, "_KERNELS", cache)
     yield cache
 
 
@@ -229,7 +226,7 @@ def test_engine_falls_back_to_eager_when_compile_fails(
 
 
 def test_compile_can_be_switched_off(fresh_kernels: dict[Any, Any], monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(engine_mod.COMPILE_ENV, "0")
+    monkeypatch.setenv(kernels_mod.COMPILE_ENV, "0")
     model, _ = _model_and_data(ModelConfig.paper(1), batch=1, seed=18, dtype=torch.float32)
     kern = kernels(model)
     assert not kern.compiled and kern.row_terms is _row_terms_plain
@@ -277,8 +274,8 @@ def test_rows_for_budget_bounds_the_engines_memory(layers: int, fresh_kernels: d
     # torch.compile does not run under a dispatch mode: measure the eager kernel, which needs more memory.
     fresh_kernels.clear()
     model, x = _model_and_data(ModelConfig.paper(layers), batch=4, seed=19, dtype=torch.float32)
-    key = (x.device.type, x.dtype, engine_mod._widths(model))
-    fresh_kernels[key] = engine_mod.Kernels(_row_terms_plain, False, "eager (test)")
+    key = (x.device.type, x.dtype, kernels_mod._widths(model))
+    fresh_kernels[key] = kernels_mod.Kernels(_row_terms_plain, False, "eager (test)")
     budget = 3 * 2**20
     rows = rows_for_budget(model, budget)
     assert rows * row_floats(model) * 4 <= budget < (rows + 1) * row_floats(model) * 4
