@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -50,6 +50,9 @@ class LoglikQuantiles:
 
     probs: np.ndarray
     by_k: dict[int, np.ndarray]
+    _tables: dict[int, tuple[np.ndarray, np.ndarray]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     @classmethod
     def from_card(cls, card: Mapping[str, Any]) -> LoglikQuantiles | None:
@@ -79,6 +82,17 @@ class LoglikQuantiles:
         """The stored k nearest to ``k`` on a log scale (ties go to the larger, less biased one)."""
         return min(self.by_k, key=lambda s: (round(abs(math.log(s / k)), 9), -s))
 
+    def _table(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The interpolation table of stored k (distinct quantiles, their probs), computed once per k: np.unique
+        on every request cost the event loop more than the interpolation itself."""
+        table = self._tables.get(k)
+        if table is None:
+            # Equal quantiles (ties) would make np.interp's abscissa non-increasing: average their probs.
+            xs, inverse = np.unique(self.by_k[k], return_inverse=True)
+            ps = np.bincount(inverse, weights=self.probs) / np.bincount(inverse)
+            table = self._tables[k] = (xs, ps)
+        return table
+
     def percentile(self, loglik: np.ndarray, k: int) -> tuple[np.ndarray, int]:
         """Percent of test images whose L_k is lower, 0..100, by linear interpolation between the stored
         quantiles (0 below the test minimum, 100 above its maximum), against the nearest stored k.
@@ -86,10 +100,7 @@ class LoglikQuantiles:
         loglik: [n] -> ([n] float64, the k used).
         """
         used = self.nearest_k(k)
-        q = self.by_k[used]
-        # Equal quantiles (ties) would make np.interp's abscissa non-increasing: average their probs.
-        xs, inverse = np.unique(q, return_inverse=True)
-        ps = np.bincount(inverse, weights=self.probs) / np.bincount(inverse)
+        xs, ps = self._table(used)
         values = np.asarray(loglik, dtype=np.float64)
         if xs.size == 1:
             out = np.where(values < xs[0], 0.0, np.where(values > xs[0], 1.0, ps[0]))

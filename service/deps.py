@@ -30,7 +30,7 @@ from fastapi.routing import APIRoute
 from service import errors, fair_jobs
 from service.errors import PayloadTooLargeError, UnknownParameterError
 from service.fair_jobs import LoglikResult
-from service.fair_queue import FairJob, FairScheduler
+from service.fair_queue import INLINE_MAX_ROWS, FairJob, FairScheduler
 from service.inputs import Binarize, InputSpec, read_images
 from service.registry import LoadedModel
 from service.state import ServiceState
@@ -116,6 +116,12 @@ class ModelRequest:
         timeout = request_timeout(settings, self.timeout_ms)
         sched = self.state.scheduler(self.loaded)
         deadline = time.monotonic() + timeout
+        if rows <= INLINE_MAX_ROWS and self.state.in_flight.inline_ok:
+            # Let the requests that arrived with this one start before deciding to compute it on the event
+            # loop: their bodies are already read, so without a yield they are not yet counted in flight, every
+            # tiny job of a burst ran inline one after another on the event loop (one engine call each, one
+            # core busy) and none was merged (k=50 c=32: 2.1-2.4 ms of CPU per request, as many as at c=1).
+            await asyncio.sleep(0)
         pause = sched.inline_pace(rows) if self.state.in_flight.inline_ok else 0.0
         if pause > 0:  # a tiny job while workers compute: keep its share of the event loop small
             await asyncio.sleep(pause)

@@ -112,6 +112,7 @@ class FairScheduler:
         self._cond = threading.Condition(lock)
         self._idle = threading.Condition(lock)
         self._busy = 0  # engine calls in progress (workers and inline)
+        self._small_calls = 0  # worker calls in progress that hold small (≤ INLINE_MAX_ROWS) row jobs only
         self._accepting, self._stopping, self._paused = True, False, False
         self._rows_per_s = INITIAL_ROWS_PER_S
         self._inline_next = 0.0  # time.monotonic() from which a tiny job may run inline while workers compute
@@ -263,6 +264,11 @@ class FairScheduler:
         ready = [j for j in self._jobs if j.unassigned > 0]
         if not ready:
             return None
+        if self._small_calls and all(_small_rows_job(j) for j in ready):
+            # Small jobs wait for the worker computing small jobs, which plans again when its call ends: their
+            # arithmetic is Python-bound, so a second worker only contended for the GIL with it and the event
+            # loop (k=50 c=32 at 1 torch thread: 3.3-3.8 ms of CPU per request against 2.2 with one).
+            return None
         order = sorted(ready, key=lambda j: (j.unassigned, j.enqueued))
         if order[0].is_call:
             job = order[0]
@@ -319,7 +325,13 @@ class FairScheduler:
                 if self._stopping:
                     return
                 self._busy += 1
-            self._run_pieces(pieces)  # type: ignore[arg-type]
+                small = all(_small_rows_job(job) for job, _, _ in pieces)  # type: ignore[union-attr]
+                self._small_calls += small
+            try:
+                self._run_pieces(pieces)  # type: ignore[arg-type]
+            finally:
+                with self._cond:
+                    self._small_calls -= small
 
     def _run_pieces(self, pieces: list[Piece]) -> None:
         """Compute one engine call and settle what it completes. Never raises: failures go to the jobs."""
@@ -450,6 +462,10 @@ class FairScheduler:
                     handle.cancel()
             for task in watcher:
                 task.cancel()
+
+
+def _small_rows_job(job: FairJob) -> bool:
+    return not job.is_call and job.rows <= INLINE_MAX_ROWS
 
 
 async def _disconnected(receive: Callable[[], Awaitable[Message]]) -> None:

@@ -340,3 +340,42 @@ def test_tiny_inline_jobs_are_paced_only_while_workers_compute() -> None:
     finally:
         release.set()
         sched.stop()
+
+
+def test_small_jobs_take_one_worker_at_a_time_and_equal_their_solo_answers() -> None:
+    """Small row jobs are computed by one worker at a time (a second one only contended for the GIL), merged
+    into its calls; each answer is bit for bit the job's answer alone."""
+    jobs = [(images(1, 20 + i), 30, 40 + i) for i in range(12)]
+    sched, obs = scheduler(chunk_rows=64, workers=2)
+    running, overlap = [0], [0]
+    lock = threading.Lock()
+    compute = sched._compute_rows
+
+    def counted(pieces: Any) -> None:
+        with lock:
+            running[0] += 1
+            overlap[0] = max(overlap[0], running[0])
+        time.sleep(0.005)
+        try:
+            compute(pieces)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    sched._compute_rows = counted  # type: ignore[method-assign]
+    try:
+        sched.pause()
+        merged = [sched.submit_loglik(x, k, seed, inline_ok=False) for x, k, seed in jobs]
+        sched.resume()
+        merged_results = [result(j) for j in merged]
+        assert overlap[0] == 1 and obs.calls < len(jobs)
+    finally:
+        sched.stop()
+    for (x, k, seed), got in zip(jobs, merged_results, strict=True):
+        solo_sched, _ = scheduler(chunk_rows=4096)
+        try:
+            solo = result(solo_sched.submit_loglik(x, k, seed))
+        finally:
+            solo_sched.stop()
+        for field in ("loglik", "stderr", "ess", "elbo", "pareto_k", "reliable"):
+            assert np.array_equal(getattr(got, field), getattr(solo, field), equal_nan=field != "reliable"), field

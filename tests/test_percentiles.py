@@ -60,6 +60,22 @@ def test_percentile_with_tied_quantiles_stays_monotone() -> None:
     assert pct[0] == 0.0 and 0.0 < pct[1] < pct[2] < 100.0 and pct[3] == 100.0
 
 
+def test_percentile_table_is_computed_once_per_k_and_answers_as_before() -> None:
+    row = [-120.0] * 30 + [-120.0 + i for i in range(1, 72)]
+    q = LoglikQuantiles.from_card(card_with({"5000": row, "50": [-200 + 100 * p for p in STANDARD_PROBS]}))
+    assert q is not None
+    values = np.linspace(-260, -40, 97)
+    for k in (5000, 50, 5000):
+        used = q.nearest_k(k)
+        # The per-request computation the cached table replaced.
+        xs, inverse = np.unique(q.by_k[used], return_inverse=True)
+        ps = np.bincount(inverse, weights=q.probs) / np.bincount(inverse)
+        want = np.clip(np.interp(values, xs, ps, left=0.0, right=1.0) * 100.0, 0.0, 100.0)
+        got, got_k = q.percentile(values, k)
+        assert got_k == used and np.array_equal(got, want)
+    assert set(q._tables) == {50, 5000}
+
+
 def test_nearest_k_on_a_log_scale() -> None:
     q = LoglikQuantiles.from_card(card_with({"50": list(range(101)), "5000": list(range(101))}))
     assert q is not None
