@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import math
 import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import Future
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 import torch
+from starlette.types import Message
+
+from models.engine import bound_stats
+from models.networks import IWAE
+from models.noise import request_noise
+from models.rows import concat_terms, image_terms, job_rows, row_log_weights
+
+# A job still waiting after this long gets a task watching for its client's disconnect.
+WATCH_DISCONNECT_AFTER_S = 0.02
 
 
 class SchedulerError(RuntimeError):
@@ -106,3 +117,103 @@ class FairJob:
 
 
 Piece = tuple[FairJob, int, int]  # rows [start, stop) of a job
+
+
+# --- what a row job computes (the worker threads call these; the queue machinery is in fair_queue.py) -----
+def prepare(job: FairJob, model: IWAE, device: torch.device) -> None:
+    """Draw the job's noise and compute its image terms, once (two workers may take its chunks)."""
+    with job.prepare_lock:
+        if job.noise is not None:
+            return
+        assert job.x is not None
+        x = job.x.to(device)
+        nz = request_noise(model, job.k, job.n_images, job.seed)
+        job.terms = image_terms(model, x)
+        job.log_w = torch.empty(job.rows, dtype=x.dtype, device=device)
+        job.noise = [e.reshape(job.rows, -1).to(device) for e in nz]
+
+
+def compute_rows(pieces: list[Piece], model: IWAE, device: torch.device) -> None:
+    """One engine call over the pieces' rows (any mix of jobs and k); each job's log-weights land in place."""
+    terms, images, offset = [], [], 0
+    for job, a, b in pieces:
+        prepare(job, model, device)
+        terms.append(job.terms)
+        images.append(offset + job_rows(job.k, job.n_images, a, b).to(device))
+        offset += job.n_images
+    n_layers = model.config.n_layers
+    noise = [torch.cat([job.noise[layer][a:b] for job, a, b in pieces]) for layer in range(n_layers)]  # type: ignore[index]
+    log_w = row_log_weights(model, concat_terms(terms), torch.cat(images), noise)
+    pos = 0
+    for job, a, b in pieces:
+        job.log_w[a:b] = log_w[pos : pos + b - a]  # type: ignore[index]
+        pos += b - a
+
+
+def settle(done: list[FairJob]) -> None:
+    """Per-image statistics of every job a call completed: one job has one k, so its weights are [k, B]."""
+    for job in done:
+        # Sample-major rows (models.rows.job_rows): row s·B + i is sample s of image i.
+        stats = bound_stats(job.log_w.double().view(job.k, job.n_images))  # type: ignore[union-attr]
+        job.noise, job.terms, job.log_w = None, None, None  # the job outlives the call: free its memory now
+        cols = [t.cpu().numpy() for t in (stats.loglik, stats.stderr, stats.ess, stats.elbo, stats.pareto_k)]
+        succeed(job, LoglikResult(*cols, stats.reliable.cpu().numpy()))
+
+
+def succeed(job: FairJob, result: Any) -> None:
+    with contextlib.suppress(InvalidStateError):  # cancelled meanwhile, on another thread
+        job.future.set_result(result)
+
+
+def fail(job: FairJob, exc: BaseException) -> None:
+    job.failed = exc
+    # Its buffers stay: a worker may be computing one of its chunks right now (they go with the job).
+    with contextlib.suppress(InvalidStateError):  # settled meanwhile, on another thread
+        job.future.set_exception(exc)
+
+
+# --- waiting for a job (event loop side) ----------------------------------------------------------------
+async def wait_for(
+    job: FairJob,
+    cancel: Callable[[FairJob, str], None],
+    timeout: float | None = None,
+    receive: Callable[[], Awaitable[Message]] | None = None,
+) -> Any:
+    """The job's result. After ``timeout`` s the job is cancelled (DeadlineError); if ``receive`` (the
+    ASGI channel, its body already read) reports a disconnect, it is cancelled (ClientGoneError); so it
+    is when the awaiting task is cancelled. A job cancelled while running stops at its next chunk.
+
+    Timers rather than tasks: most jobs finish within milliseconds, and a watcher task per request would
+    cost the event loop more than the work; the disconnect watcher starts once a job has waited a while."""
+    if job.future.done():  # computed inline, or failed at once
+        return job.future.result()
+    loop = asyncio.get_running_loop()
+    wrapped = asyncio.wrap_future(job.future)
+    timer = loop.call_later(timeout, cancel, job, "timeout") if timeout is not None else None
+    watcher: list[asyncio.Future[None]] = []
+
+    def watch() -> None:
+        async def disconnected() -> None:
+            await _disconnected(receive)  # type: ignore[arg-type]
+            cancel(job, "client_gone")
+
+        watcher.append(asyncio.ensure_future(disconnected()))
+
+    watch_timer = loop.call_later(WATCH_DISCONNECT_AFTER_S, watch) if receive is not None else None
+    try:
+        return await wrapped
+    except asyncio.CancelledError:
+        cancel(job, "cancelled")
+        raise
+    finally:
+        for handle in (timer, watch_timer):
+            if handle is not None:
+                handle.cancel()
+        for task in watcher:
+            task.cancel()
+
+
+async def _disconnected(receive: Callable[[], Awaitable[Message]]) -> None:
+    # Called after the body was read, so the only message left to come is the disconnect.
+    while (await receive()).get("type") != "http.disconnect":
+        pass

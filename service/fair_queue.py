@@ -18,23 +18,17 @@ not depend on the company it kept.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import math
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from concurrent.futures import InvalidStateError
 from typing import Any
 
 import torch
 from starlette.types import Message
 
-from models.engine import bound_stats
 from models.networks import IWAE
-from models.noise import request_noise
-from models.rows import concat_terms, image_terms, job_rows, row_log_weights
 from service.fair_jobs import (
     CancelledJobError,
     ClientGoneError,
@@ -47,6 +41,11 @@ from service.fair_jobs import (
     Piece,
     QueueFullError,
     SchedulerError,
+    compute_rows,
+    fail,
+    settle,
+    succeed,
+    wait_for,
 )
 
 __all__ = [
@@ -79,8 +78,6 @@ INLINE_PACE_MAX_S = 0.02
 # Retry-After bounds (seconds) and the throughput assumed before anything was measured (rows/s).
 RETRY_AFTER_BOUNDS = (1, 60)
 INITIAL_ROWS_PER_S = 200_000.0
-# A job still waiting after this long gets a task watching for its client's disconnect.
-WATCH_DISCONNECT_AFTER_S = 0.02
 
 
 class FairScheduler:
@@ -159,7 +156,7 @@ class FairScheduler:
             self._cond.notify_all()
             self._idle.notify_all()
         for job in live:
-            self._fail(job, DrainingError("the service is shutting down"))
+            fail(job, DrainingError("the service is shutting down"))
         for t in self._threads:
             if t.is_alive():
                 t.join(timeout)
@@ -307,7 +304,7 @@ class FairScheduler:
         self._jobs.remove(job)
         self.observer.dropped(reason)
         self.observer.queued_cost(self._queued_cost())
-        self._fail(job, exc)
+        fail(job, exc)
         self._idle.notify_all()
 
     # --- execution ----------------------------------------------------------------------------------
@@ -371,104 +368,23 @@ class FairScheduler:
         self.observer.compute(seconds, rows)
         if error is not None:
             for job in done:
-                self._fail(job, error)
+                fail(job, error)
         elif pieces[0][0].is_call:
             if done:
-                self._succeed(done[0], result)
+                succeed(done[0], result)
         else:
-            self._settle(done)
-
-    def _prepare(self, job: FairJob) -> None:
-        """Draw the job's noise and compute its image terms, once (two workers may take its chunks)."""
-        with job.prepare_lock:
-            if job.noise is not None:
-                return
-            assert job.x is not None
-            x = job.x.to(self.device)
-            nz = request_noise(self.model, job.k, job.n_images, job.seed)
-            job.terms = image_terms(self.model, x)
-            job.log_w = torch.empty(job.rows, dtype=x.dtype, device=self.device)
-            job.noise = [e.reshape(job.rows, -1).to(self.device) for e in nz]
+            settle(done)
 
     def _compute_rows(self, pieces: list[Piece]) -> None:
-        terms, images, offset = [], [], 0
-        for job, a, b in pieces:
-            self._prepare(job)
-            terms.append(job.terms)
-            images.append(offset + job_rows(job.k, job.n_images, a, b).to(self.device))
-            offset += job.n_images
-        n_layers = self.model.config.n_layers
-        noise = [torch.cat([job.noise[layer][a:b] for job, a, b in pieces]) for layer in range(n_layers)]  # type: ignore[index]
-        log_w = row_log_weights(self.model, concat_terms(terms), torch.cat(images), noise)
-        pos = 0
-        for job, a, b in pieces:
-            job.log_w[a:b] = log_w[pos : pos + b - a]  # type: ignore[index]
-            pos += b - a
-
-    def _settle(self, done: list[FairJob]) -> None:
-        """Per-image statistics of every job this call completed: one job has one k, so its weights are [k, B]."""
-        for job in done:
-            # Sample-major rows (models.rows.job_rows): row s·B + i is sample s of image i.
-            stats = bound_stats(job.log_w.double().view(job.k, job.n_images))  # type: ignore[union-attr]
-            job.noise, job.terms, job.log_w = None, None, None  # the job outlives the call: free its memory now
-            cols = [t.cpu().numpy() for t in (stats.loglik, stats.stderr, stats.ess, stats.elbo, stats.pareto_k)]
-            self._succeed(job, LoglikResult(*cols, stats.reliable.cpu().numpy()))
-
-    @staticmethod
-    def _succeed(job: FairJob, result: Any) -> None:
-        with contextlib.suppress(InvalidStateError):  # cancelled meanwhile, on another thread
-            job.future.set_result(result)
-
-    @staticmethod
-    def _fail(job: FairJob, exc: BaseException) -> None:
-        job.failed = exc
-        # Its buffers stay: a worker may be computing one of its chunks right now (they go with the job).
-        with contextlib.suppress(InvalidStateError):  # settled meanwhile, on another thread
-            job.future.set_exception(exc)
+        compute_rows(pieces, self.model, self.device)
 
     # --- waiting (event loop side) ------------------------------------------------------------------
     async def wait(
         self, job: FairJob, timeout: float | None = None, receive: Callable[[], Awaitable[Message]] | None = None
     ) -> Any:
-        """The job's result. After ``timeout`` s the job is cancelled (DeadlineError); if ``receive`` (the
-        ASGI channel, its body already read) reports a disconnect, it is cancelled (ClientGoneError); so it
-        is when the awaiting task is cancelled. A job cancelled while running stops at its next chunk.
-
-        Timers rather than tasks: most jobs finish within milliseconds, and a watcher task per request would
-        cost the event loop more than the work; the disconnect watcher starts once a job has waited a while."""
-        if job.future.done():  # computed inline, or failed at once
-            return job.future.result()
-        loop = asyncio.get_running_loop()
-        wrapped = asyncio.wrap_future(job.future)
-        timer = loop.call_later(timeout, self.cancel, job, "timeout") if timeout is not None else None
-        watcher: list[asyncio.Future[None]] = []
-
-        def watch() -> None:
-            async def disconnected() -> None:
-                await _disconnected(receive)  # type: ignore[arg-type]
-                self.cancel(job, "client_gone")
-
-            watcher.append(asyncio.ensure_future(disconnected()))
-
-        watch_timer = loop.call_later(WATCH_DISCONNECT_AFTER_S, watch) if receive is not None else None
-        try:
-            return await wrapped
-        except asyncio.CancelledError:
-            self.cancel(job, "cancelled")
-            raise
-        finally:
-            for handle in (timer, watch_timer):
-                if handle is not None:
-                    handle.cancel()
-            for task in watcher:
-                task.cancel()
+        """The job's result, cancelling it on a deadline, a disconnect or a cancelled task (fair_jobs.wait_for)."""
+        return await wait_for(job, self.cancel, timeout, receive)
 
 
 def _small_rows_job(job: FairJob) -> bool:
     return not job.is_call and job.rows <= INLINE_MAX_ROWS
-
-
-async def _disconnected(receive: Callable[[], Awaitable[Message]]) -> None:
-    # Called after the body was read, so the only message left to come is the disconnect.
-    while (await receive()).get("type") != "http.disconnect":
-        pass
