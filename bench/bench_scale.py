@@ -205,6 +205,10 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get(INSIDE) != "1":
         env = {**os.environ, INSIDE: "1", "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(ROOT)}
         env["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] = "service.ray_serve:proxy_middlewares"
+        # One proxy, on the head node (proxy_location="HeadOnly"): by default it sends every request to the
+        # replica on its own node while that one has room (max_ongoing_requests), so the second replica sat
+        # idle (top showed one replica busy, the other not). Spread the load as a load balancer would.
+        env.setdefault("RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING", "0")
         script = f"ip link set lo up && exec {shlex.quote(sys.executable)} {shlex.join(sys.argv)}"
         return subprocess.run(["unshare", "--net", "sh", "-c", script], env=env).returncode
     print(run(a))
