@@ -50,9 +50,12 @@ class LoglikQuantiles:
 
     probs: np.ndarray
     by_k: dict[int, np.ndarray]
-    _tables: dict[int, tuple[np.ndarray, np.ndarray]] = field(
-        default_factory=dict, init=False, repr=False, compare=False
-    )
+    _tables: dict[int, tuple[np.ndarray, np.ndarray]] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # The interpolation table of each stored k, built once here: np.unique on every request cost the event
+        # loop more than the interpolation itself.
+        object.__setattr__(self, "_tables", {k: _interp_table(q, self.probs) for k, q in self.by_k.items()})
 
     @classmethod
     def from_card(cls, card: Mapping[str, Any]) -> LoglikQuantiles | None:
@@ -82,17 +85,6 @@ class LoglikQuantiles:
         """The stored k nearest to ``k`` on a log scale (ties go to the larger, less biased one)."""
         return min(self.by_k, key=lambda s: (round(abs(math.log(s / k)), 9), -s))
 
-    def _table(self, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """The interpolation table of stored k (distinct quantiles, their probs), computed once per k: np.unique
-        on every request cost the event loop more than the interpolation itself."""
-        table = self._tables.get(k)
-        if table is None:
-            # Equal quantiles (ties) would make np.interp's abscissa non-increasing: average their probs.
-            xs, inverse = np.unique(self.by_k[k], return_inverse=True)
-            ps = np.bincount(inverse, weights=self.probs) / np.bincount(inverse)
-            table = self._tables[k] = (xs, ps)
-        return table
-
     def percentile(self, loglik: np.ndarray, k: int) -> tuple[np.ndarray, int]:
         """Percent of test images whose L_k is lower, 0..100, by linear interpolation between the stored
         quantiles (0 below the test minimum, 100 above its maximum), against the nearest stored k.
@@ -100,7 +92,7 @@ class LoglikQuantiles:
         loglik: [n] -> ([n] float64, the k used).
         """
         used = self.nearest_k(k)
-        xs, ps = self._table(used)
+        xs, ps = self._tables[used]
         values = np.asarray(loglik, dtype=np.float64)
         if xs.size == 1:
             out = np.where(values < xs[0], 0.0, np.where(values > xs[0], 1.0, ps[0]))
@@ -118,3 +110,10 @@ def _float_row(row: Any, what: str) -> np.ndarray:
     if not np.isfinite(arr).all():
         raise ValueError(f"{what} must hold finite numbers")
     return arr
+
+
+def _interp_table(q: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Quantiles [m] and their probs [m] -> (distinct quantiles, their probs) for np.interp. Equal quantiles
+    (ties) would make the abscissa non-increasing: their probs are averaged."""
+    xs, inverse = np.unique(q, return_inverse=True)
+    return xs, np.bincount(inverse, weights=probs) / np.bincount(inverse)
