@@ -26,16 +26,17 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.bounds import effective_sample_size, elbo, iwae_bound
 from models.distributions import LOG_2PI, gaussian_log_prob, std_normal_log_prob
 from models.kernels import _row_terms_plain, kernels, tanh_
 from models.networks import IWAE
-from models.psis import pareto_k, reliable
-from models.uncertainty import lk_stderr
+from models.psis import RELIABLE_K_HAT, pareto_k_rows
+from models.reductions import as_rows, as_tensor, row_log_mean_exp, row_logsumexp, row_mean
+from models.uncertainty import lk_stderr_rows
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +213,7 @@ def reference_log_weights(model: IWAE, x: torch.Tensor, noise: list[torch.Tensor
 
 @dataclass
 class BoundStats:
-    """Per-image results of one k-sample evaluation, all [B]."""
+    """Per-image results of one k-sample evaluation, all [B] float64 (reliable: bool)."""
 
     loglik: torch.Tensor  # L_k
     stderr: torch.Tensor  # calibrated Monte Carlo standard error of L_k (models/uncertainty.py), float64
@@ -223,11 +224,19 @@ class BoundStats:
 
 
 def bound_stats(log_w: torch.Tensor) -> BoundStats:
-    """Summaries of log_w [k, B]."""
-    k_hat = pareto_k(log_w)
-    return BoundStats(
-        iwae_bound(log_w), lk_stderr(log_w, k_hat), effective_sample_size(log_w), elbo(log_w), k_hat, reliable(k_hat)
+    """Summaries of log_w [k, B], in float64. Batch-invariant: each image's numbers are the same bits whatever
+    other images share the call (models/reductions.py), so merged requests get what they get alone."""
+    x = as_rows(log_w)
+    k_hat = pareto_k_rows(x)
+    log_norm = x - row_logsumexp(x)[:, None]  # log w~, the normalised weights
+    cols = (
+        row_log_mean_exp(x),
+        lk_stderr_rows(x, k_hat),
+        np.exp(-row_logsumexp(2.0 * log_norm)),  # Kish's ESS, 1 / Σ w~²
+        row_mean(x),
+        k_hat,
     )
+    return BoundStats(*(as_tensor(c, log_w) for c in cols), as_tensor(k_hat <= RELIABLE_K_HAT, log_w))
 
 
 def evaluate_batch(

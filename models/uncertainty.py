@@ -24,7 +24,9 @@ measures all of these). The spread at each block size is averaged over ``PARTITI
 the samples: they are i.i.d., so any fixed partition is as good as a random one, and the estimate stays a
 pure function of log w (same weights, same answer).
 
-Every function takes ``log_w: [k, batch]`` and computes in float64.
+Every function takes ``log_w: [k, batch]`` and computes in float64; the ``*_rows`` forms take images in rows
+(numpy [batch, k], models/reductions.py), so that an image's standard error has the same bits alone as in any
+batch.
 """
 
 from __future__ import annotations
@@ -34,10 +36,11 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from models.bounds import log_mean_exp
-from models.psis import pareto_k
+from models.psis import pareto_k_rows
+from models.reductions import as_rows, as_tensor, row_log_mean_exp, row_mean, row_var
 
 # Blocks at the larger size (b1 = k / BLOCKS) and the ratio of the two block sizes (b2 = b1 / SIZE_RATIO).
 BLOCKS = 10
@@ -63,37 +66,51 @@ def _partition(k: int, index: int) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=64)
-def _block_indices(k: int, block: int, partitions: int) -> torch.Tensor:
-    """Rows of the blocks of every partition, [partitions · m · block] (m = k // block), on the CPU. Cached:
-    drawing the permutations cost more than the arithmetic for a small k (every request computes this)."""
+def _block_indices(k: int, block: int, partitions: int) -> np.ndarray:
+    """Columns of the blocks of every partition, [partitions · m · block] (m = k // block). Cached: drawing the
+    permutations cost more than the arithmetic for a small k (every request computes this)."""
     m = k // block
-    return torch.cat([_partition(k, p)[: m * block] for p in range(partitions)])
+    idx = torch.cat([_partition(k, p)[: m * block] for p in range(partitions)]).numpy()
+    idx.flags.writeable = False
+    return idx
 
 
 def block_spread(log_w: torch.Tensor, block: int, partitions: int = PARTITIONS) -> torch.Tensor:
     """sd(L_b) for b = ``block``, from the k samples cut into ⌊k / b⌋ disjoint blocks of b, the variance across
     blocks averaged over ``partitions`` fixed partitions: [k, batch] -> [batch] (float64)."""
-    x = log_w.to(torch.float64)
-    k, batch = x.shape
+    return as_tensor(block_spread_rows(as_rows(log_w), block, partitions), log_w)
+
+
+def block_spread_rows(x: np.ndarray, block: int, partitions: int = PARTITIONS) -> np.ndarray:
+    """block_spread of images in rows: x [batch, k] -> [batch]."""
+    batch, k = x.shape
     m = k // block
     if m < 2:
         raise ValueError(f"need at least two blocks of {block} samples, got k = {k}")
-    idx = _block_indices(k, block, partitions).to(x.device)
-    l_b = log_mean_exp(x[idx].reshape(partitions, m, block, batch), dim=2)  # [partitions, m, batch]
-    # The variance one partition at a time: reducing over dim 1 of the stack rounds differently in the last bit.
-    return torch.stack([l_b[p].var(0) for p in range(partitions)]).mean(0).sqrt()
+    l_b = row_log_mean_exp(x[:, _block_indices(k, block, partitions)].reshape(batch, partitions, m, block))
+    return np.sqrt(row_mean(row_var(l_b)))  # l_b: [batch, partitions, m]
 
 
 def convergence_rate(sd_b1: torch.Tensor, sd_b2: torch.Tensor, b1: int, b2: int) -> torch.Tensor:
     """γ with sd(L_b) ∝ b^-γ between b2 < b1, clipped to [0, 1/2]; 1/2 where undefined. [batch] -> [batch]."""
-    rate = torch.log(sd_b2 / sd_b1) / math.log(b1 / b2)
-    return torch.nan_to_num(rate, nan=CLT_RATE).clamp(0.0, CLT_RATE)
+    return torch.from_numpy(_convergence_rate(sd_b1.cpu().numpy(), sd_b2.cpu().numpy(), b1, b2)).to(sd_b1.device)
+
+
+def _convergence_rate(sd_b1: np.ndarray, sd_b2: np.ndarray, b1: int, b2: int) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rate = np.log(sd_b2 / sd_b1) / math.log(b1 / b2)
+    return np.clip(np.where(np.isnan(rate), CLT_RATE, rate), 0.0, CLT_RATE)  # ±inf: clipped
 
 
 def tail_rate(k_hat: torch.Tensor) -> torch.Tensor:
     """γ = 1 - k̂ (stable-law scaling of a mean of weights with tail shape k̂), clipped to [0, 1/2];
     0 where k̂ is undefined (+inf or NaN: too few samples to fit a tail). [batch] -> [batch]."""
-    return torch.nan_to_num(1.0 - k_hat.to(torch.float64), nan=0.0, neginf=0.0).clamp(0.0, CLT_RATE)
+    return torch.from_numpy(_tail_rate(k_hat.to("cpu", torch.float64).numpy())).to(k_hat.device)
+
+
+def _tail_rate(k_hat: np.ndarray) -> np.ndarray:
+    rate = 1.0 - k_hat
+    return np.clip(np.where(np.isnan(rate), 0.0, rate), 0.0, CLT_RATE)  # k̂ = +inf: -inf, clipped to 0
 
 
 def lk_stderr(log_w: torch.Tensor, k_hat: torch.Tensor | None = None) -> torch.Tensor:
@@ -102,18 +119,23 @@ def lk_stderr(log_w: torch.Tensor, k_hat: torch.Tensor | None = None) -> torch.T
     ``k_hat`` is the PSIS k̂ of the same weights [batch], if already computed. NaN for k = 1. For k < 30
     there is one block size only (b1 = max(1, ⌊k/10⌋)) and γ = 1/2.
     """
-    k = log_w.shape[0]
+    given = None if k_hat is None else k_hat.to("cpu", torch.float64).numpy()
+    return as_tensor(lk_stderr_rows(as_rows(log_w), given), log_w)
+
+
+def lk_stderr_rows(x: np.ndarray, k_hat: np.ndarray | None = None) -> np.ndarray:
+    """lk_stderr of images in rows: x [batch, k] -> [batch] (k_hat [batch] if already computed)."""
+    batch, k = x.shape
     if k < 2:
-        return torch.full(log_w.shape[1:], math.nan, dtype=torch.float64, device=log_w.device)
+        return np.full(batch, math.nan)
     b1, b2 = block_sizes(k)
-    sd_b1 = block_spread(log_w, b1)
+    sd_b1 = block_spread_rows(x, b1)
     if b2 == b1:
         return sd_b1 * (b1 / k) ** CLT_RATE
     if k_hat is None:
-        k_hat = pareto_k(log_w)
-    measured = convergence_rate(sd_b1, block_spread(log_w, b2), b1, b2)
-    rate = 0.5 * (measured + tail_rate(k_hat).to(sd_b1.device))
-    return sd_b1 * (b1 / k) ** rate
+        k_hat = pareto_k_rows(x)
+    measured = _convergence_rate(sd_b1, block_spread_rows(x, b2), b1, b2)
+    return sd_b1 * (b1 / k) ** (0.5 * (measured + _tail_rate(k_hat)))
 
 
 # --- L_k to a requested precision ----------------------------------------------------------------------

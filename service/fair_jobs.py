@@ -151,13 +151,23 @@ def compute_rows(pieces: list[Piece], model: IWAE, device: torch.device) -> None
 
 
 def settle(done: list[FairJob]) -> None:
-    """Per-image statistics of every job a call completed: one job has one k, so its weights are [k, B]."""
+    """Per-image statistics of every job a call completed: one bound_stats call per k over the jobs' [k, B]
+    blocks side by side (the statistics are batch-invariant: each job gets the bits it gets alone)."""
+    by_k: dict[int, list[FairJob]] = {}
     for job in done:
+        by_k.setdefault(job.k, []).append(job)
+    for k, jobs in by_k.items():
         # Sample-major rows (models.rows.job_rows): row s·B + i is sample s of image i.
-        stats = bound_stats(job.log_w.double().view(job.k, job.n_images))  # type: ignore[union-attr]
-        job.noise, job.terms, job.log_w = None, None, None  # the job outlives the call: free its memory now
+        blocks = [job.log_w.view(k, job.n_images) for job in jobs]  # type: ignore[union-attr]
+        stats = bound_stats(blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1))
         cols = [t.cpu().numpy() for t in (stats.loglik, stats.stderr, stats.ess, stats.elbo, stats.pareto_k)]
-        succeed(job, LoglikResult(*cols, stats.reliable.cpu().numpy()))
+        cols.append(stats.reliable.cpu().numpy())
+        start = 0
+        for job in jobs:
+            job.noise, job.terms, job.log_w = None, None, None  # the job outlives the call: free its memory now
+            stop = start + job.n_images
+            succeed(job, LoglikResult(*(c[start:stop] for c in cols)))
+            start = stop
 
 
 def succeed(job: FairJob, result: Any) -> None:

@@ -17,6 +17,7 @@ import torch
 
 from models.engine import bound_stats, engine_log_weights
 from models.noise import request_noise
+from service import fair_jobs
 from service.fair_queue import (
     INLINE_MAX_ROWS,
     INLINE_PACE_MAX_S,
@@ -342,10 +343,17 @@ def test_tiny_inline_jobs_are_paced_only_while_workers_compute() -> None:
         sched.stop()
 
 
-def test_small_jobs_take_one_worker_at_a_time_and_equal_their_solo_answers() -> None:
+def test_small_jobs_take_one_worker_at_a_time_and_equal_their_solo_answers(monkeypatch: pytest.MonkeyPatch) -> None:
     """Small row jobs are computed by one worker at a time (a second one only contended for the GIL), merged
-    into its calls; each answer is bit for bit the job's answer alone."""
+    into its calls, their statistics computed together; each answer is bit for bit the job's answer alone."""
     jobs = [(images(1, 20 + i), 30, 40 + i) for i in range(12)]
+    stats_calls: list[int] = []
+
+    def counted_stats(log_w: torch.Tensor) -> Any:
+        stats_calls.append(int(log_w.shape[1]))
+        return bound_stats(log_w)
+
+    monkeypatch.setattr(fair_jobs, "bound_stats", counted_stats)
     sched, obs = scheduler(chunk_rows=64, workers=2)
     running, overlap = [0], [0]
     lock = threading.Lock()
@@ -369,6 +377,7 @@ def test_small_jobs_take_one_worker_at_a_time_and_equal_their_solo_answers() -> 
         sched.resume()
         merged_results = [result(j) for j in merged]
         assert overlap[0] == 1 and obs.calls < len(jobs)
+        assert sum(stats_calls) == len(jobs) and max(stats_calls) > 1  # one statistics call for several jobs
     finally:
         sched.stop()
     for (x, k, seed), got in zip(jobs, merged_results, strict=True):
