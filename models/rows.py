@@ -1,27 +1,23 @@
-"""The L_k engine on rows: log w for any set of (image, sample) rows, and bound statistics per image over rows
-of mixed k.
+"""The L_k engine on rows: log w for any set of (image, sample) rows.
 
 ``engine_log_weights`` (models/engine.py) takes one k for a whole batch. A scheduler that interleaves jobs
 wants less structure: a chunk holds rows of several jobs, each with its own images, k and noise. Here a row
-is one (image, noise draw) pair; which image a row belongs to is an index, and per-image statistics are
-segmented reductions over the rows of that image (a segmented logsumexp). Every row's log w depends only on
-its own image and noise (the same arithmetic as the engine's kernel, models/engine.py explains it), so a
-job's numbers do not depend on which other rows share its engine call.
+is one (image, noise draw) pair and which image a row belongs to is an index. Every row's log w depends only
+on its own image and noise (the same arithmetic as the engine's kernel, models/engine.py explains it), so a
+job's numbers do not depend on which other rows share its engine call; the per-image statistics then come
+from ``models.engine.bound_stats`` over each k's [k, B] block, which is batch-invariant too.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
 from models.distributions import LOG_2PI
-from models.engine import BoundStats, upper_layers
+from models.engine import upper_layers
 from models.kernels import _row_terms_plain, kernels, tanh_
 from models.networks import IWAE
-from models.psis import pareto_k, reliable
-from models.uncertainty import lk_stderr
 
 
 @dataclass(frozen=True)
@@ -88,34 +84,3 @@ def job_rows(k: int, n_images: int, start: int, stop: int) -> torch.Tensor:
     """Image index of rows [start, stop) of a k × n_images job whose rows are sample-major (row s·B + i is
     sample s of image i, the layout of the noise [k, B, d] flattened to [k·B, d])."""
     return torch.arange(start, stop) % n_images
-
-
-def segmented_bound_stats(log_w: torch.Tensor, segment: torch.Tensor, n_segments: int) -> BoundStats:
-    """L_k, its standard error, ESS and ELBO per segment (image) over rows of mixed k.
-
-    log_w [R], segment [R] (the image of each row, in 0..n_segments-1; every image has k_s >= 1 rows)
-    -> BoundStats of [n_segments] tensors (a loop over segments for pareto_k and stderr: for many images of
-    one k, ``models.engine.bound_stats`` on [k, B] is faster). Equals ``models.engine.bound_stats`` applied to
-    each image's own k_s weights: logsumexp with each segment's own maximum, so no segment's scale affects another's.
-    """
-    dtype, dev = log_w.dtype, log_w.device
-    k = torch.bincount(segment, minlength=n_segments).to(dtype)
-    if bool((k < 1).any()):
-        raise ValueError("every segment needs at least one row")
-    peak = torch.full((n_segments,), -math.inf, dtype=dtype, device=dev)
-    peak = peak.scatter_reduce(0, segment, log_w, reduce="amax", include_self=False)
-    peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
-    w = torch.exp(log_w - peak[segment])  # in (0, 1], the largest is 1
-    total = torch.zeros(n_segments, dtype=dtype, device=dev).index_add_(0, segment, w)
-    loglik = peak + torch.log(total) - torch.log(k)
-    elbo = torch.zeros(n_segments, dtype=dtype, device=dev).index_add_(0, segment, log_w) / k
-    w_norm = w / total[segment]  # the normalised weights w~ of each image
-    ess = 1.0 / torch.zeros(n_segments, dtype=dtype, device=dev).index_add_(0, segment, w_norm * w_norm)
-    # The calibrated standard error and the tail diagnostic need each image's own weights, in sample order.
-    k_hat = torch.empty(n_segments, dtype=torch.float64, device=dev)
-    stderr = torch.empty(n_segments, dtype=torch.float64, device=dev)
-    for s in range(n_segments):
-        own = log_w[segment == s].unsqueeze(1)
-        k_hat[s] = pareto_k(own)[0]
-        stderr[s] = lk_stderr(own, k_hat[s : s + 1])[0]
-    return BoundStats(loglik, stderr.to(dtype), ess, elbo, k_hat, reliable(k_hat))

@@ -1,5 +1,5 @@
 """The row engine (models/rows.py): log w per (image, sample) row equals the engine's, whatever rows share a
-call, and per-image statistics over rows of mixed k equal each image's own bound_stats (float64)."""
+call (float64)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from models.config import ModelConfig
-from models.engine import bound_stats, engine_log_weights
+from models.engine import engine_log_weights
 from models.networks import IWAE
-from models.rows import concat_terms, image_terms, job_rows, row_log_weights, segmented_bound_stats
+from models.rows import concat_terms, image_terms, job_rows, row_log_weights
 
 TWO_LAYER = ModelConfig(x_dim=37, latent_dims=(5, 3), hidden_dims=((11, 9), (6,)))
 ONE_LAYER = ModelConfig(x_dim=48, latent_dims=(4,), hidden_dims=((10,),))
@@ -48,42 +48,15 @@ def test_mixed_jobs_in_one_call_equal_each_job_alone(config: ModelConfig) -> Non
     log_w = torch.empty(image.shape[0], dtype=torch.float64)
     log_w[perm] = row_log_weights(model, terms, image[perm], [e[perm] for e in noise])
 
-    stats = segmented_bound_stats(log_w, image, int(offsets[-1]))
     start = 0
-    for (k, n, _), x, nz, off in zip(jobs, xs, noises, offsets, strict=False):
+    for (k, n, _), x, nz in zip(jobs, xs, noises, strict=True):
         alone = engine_log_weights(model, x, nz)  # [k, n]
         torch.testing.assert_close(log_w[start : start + k * n].view(k, n), alone, rtol=1e-12, atol=1e-10)
-        want = bound_stats(alone)
-        for field in ("loglik", "elbo", "ess"):
-            torch.testing.assert_close(
-                getattr(stats, field)[off : off + n], getattr(want, field), rtol=1e-12, atol=1e-10
-            )
-        got_se, want_se = stats.stderr[off : off + n], want.stderr
-        assert torch.equal(got_se.isnan(), want_se.isnan())  # k = 1: no standard error
-        torch.testing.assert_close(got_se.nan_to_num(), want_se.nan_to_num(), rtol=1e-9, atol=1e-12)
         start += k * n
 
 
-def test_segmented_stats_are_scale_independent_per_segment() -> None:
-    # Segments with log-weights a thousand nats apart: each uses its own maximum (a shared one would underflow).
-    g = torch.Generator().manual_seed(3)
-    parts = [
-        torch.randn(k, generator=g, dtype=torch.float64) * 5 + shift
-        for k, shift in ((50, -1000.0), (3, 800.0), (1, 0.0))
-    ]
-    segment = torch.cat([torch.full((p.shape[0],), i) for i, p in enumerate(parts)])
-    stats = segmented_bound_stats(torch.cat(parts), segment, len(parts))
-    for i, p in enumerate(parts):
-        want = bound_stats(p[:, None])
-        torch.testing.assert_close(stats.loglik[i : i + 1], want.loglik, rtol=1e-14, atol=0.0)
-        torch.testing.assert_close(stats.ess[i : i + 1], want.ess, rtol=1e-12, atol=0.0)
-    assert torch.isfinite(stats.loglik).all()
-
-
-def test_bad_shapes_and_empty_segments_are_refused() -> None:
+def test_bad_noise_shapes_are_refused() -> None:
     model = _model(ONE_LAYER, 0)
     terms = image_terms(model, _images(ONE_LAYER, 2, 0))
     with pytest.raises(ValueError, match="noise must be"):
         row_log_weights(model, terms, torch.tensor([0, 1]), [torch.zeros(3, 4, dtype=torch.float64)])
-    with pytest.raises(ValueError, match="at least one row"):
-        segmented_bound_stats(torch.zeros(2, dtype=torch.float64), torch.tensor([0, 0]), 2)
