@@ -30,8 +30,8 @@ def _argument(name: str, info: FieldInfo) -> dict[str, Any]:
     annotation = info.annotation
     if get_origin(annotation) in (Union, types.UnionType):  # `int | None`: the flag takes the int
         annotation = next(a for a in get_args(annotation) if a is not type(None))
-    if annotation is bool:  # a switch: present means true, absent leaves the environment's value
-        kwargs.update(action="store_true", default=None)
+    if annotation is bool:  # --x sets true, --no-x false; absent leaves the environment's value
+        kwargs.update(action=argparse.BooleanOptionalAction, default=None)
     elif annotation is SecretStr:
         kwargs.update(type=str, metavar=metavar(info))
     elif get_origin(annotation) is Literal:
@@ -79,7 +79,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"iwae serve: {e}", file=sys.stderr)
         return 2
     warn_if_exposed(settings.host, len(keys))
-    common = {"host": settings.host, "port": settings.port, "log_level": settings.log_level}
+    common = {
+        "host": settings.host,
+        "port": settings.port,
+        "log_level": settings.log_level,
+        "access_log": settings.access_log,
+    }
     if settings.workers > 1:
         # Worker processes build their own app from the environment (uvicorn needs an import string).
         os.environ.update(settings.to_env())

@@ -133,10 +133,14 @@ class DrainingProcess(multiprocess.Process):
         return self._server
 
 
-def serve(app: Any, host: str, port: int, log_level: str, drain_s: float, workers: int = 1) -> None:
+def serve(
+    app: Any, host: str, port: int, log_level: str, drain_s: float, workers: int = 1, access_log: bool = True
+) -> None:
     """Run uvicorn with draining servers. ``workers`` > 1 needs ``app`` as a factory import string; the
     supervisor passes SIGTERM on to every worker, which drains and exits 0, and then exits itself."""
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, workers=workers, factory=workers > 1)
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level=log_level, access_log=access_log, workers=workers, factory=workers > 1
+    )
     if workers > 1:
         multiprocess.Process = DrainingProcess  # type: ignore[misc]  # the supervisor makes its workers by this name
         multiprocess.Multiprocess(config, sockets=[config.bind_socket()]).run()

@@ -94,6 +94,9 @@ class Settings(BaseSettings):
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         "info", description="`critical`, `error`, `warning`, `info` or `debug`"
     )
+    access_log: bool = Field(
+        True, description="one log line per request (uvicorn's access log, at `info`); turn it off on busy servers"
+    )
 
     @field_validator("models", mode="before")
     @classmethod
@@ -169,6 +172,8 @@ def settings_table() -> str:
     rows = ["| Variable | Flag | Default | Meaning |", "|---|---|---|---|"]
     for name, info in Settings.model_fields.items():
         flag = flag_name(name)
+        if info.annotation is bool:
+            flag += f", --no-{flag[2:]}"
         if metavar(info):
             flag += f" {metavar(info)} ..."
         cell = flag.replace("|", "\\|")

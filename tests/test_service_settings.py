@@ -158,7 +158,9 @@ def test_flags_are_generated_from_the_fields() -> None:
     assert (actions["drain_s"].type, actions["threads"].type, actions["models"].nargs) == (float, int, "+")
     assert all(a.default is None for a in actions.values())  # unset flags leave the environment's value
     for name, action in actions.items():
-        assert action.option_strings == [f"--{name.replace('_', '-')}"]
+        flag = f"--{name.replace('_', '-')}"
+        want = [flag, f"--no-{flag[2:]}"] if Settings.model_fields[name].annotation is bool else [flag]
+        assert action.option_strings == want
         assert f"IWAE_{name.upper()}" in (action.help or "")
 
 
@@ -194,9 +196,27 @@ def test_main_runs_uvicorn_with_the_loaded_app(monkeypatch: pytest.MonkeyPatch, 
     assert main(["--models", str(tmp_path), "--device", "cpu", "--port", "8123", "--host", "127.0.0.2"]) == 0
     ((app, kw),) = calls
     assert isinstance(app, FastAPI)
-    assert (kw["host"], kw["port"]) == ("127.0.0.2", 8123)
+    assert (kw["host"], kw["port"], kw["access_log"]) == ("127.0.0.2", 8123, True)
     registry = app.state.service.registry
     assert registry is not None and registry.names() == ["m"]  # loaded before uvicorn started
+
+
+def test_switches_turn_on_and_off_from_flags_and_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import service.drain
+
+    monkeypatch.setenv("IWAE_ACCESS_LOG", "false")
+    monkeypatch.setenv("IWAE_METRICS_PUBLIC", "true")
+    s = settings_from_args(build_parser().parse_args([]))
+    assert (s.access_log, s.metrics_public) == (False, True)
+    s = settings_from_args(build_parser().parse_args(["--access-log", "--no-metrics-public"]))
+    assert (s.access_log, s.metrics_public) == (True, False)
+    write_checkpoint(tmp_path / "m.safetensors", tiny_model())
+    calls: list[dict[str, object]] = []
+    monkeypatch.setattr(service.drain, "serve", lambda app, **kw: calls.append(kw))
+    assert main(["--models", str(tmp_path), "--device", "cpu", "--no-access-log"]) == 0
+    assert calls[0]["access_log"] is False  # uvicorn is told not to log every request
 
 
 def test_main_with_workers_passes_settings_through_the_environment(
