@@ -58,6 +58,19 @@ def test_block_spread_is_the_spread_of_block_bounds() -> None:
         block_spread(log_w, 21)
 
 
+def test_block_spread_keeps_its_digits_for_blocks_far_below_the_largest_weight() -> None:
+    """Blocks whose weights sit ~1000 nats below the image's largest underflow when shifted by the image's
+    maximum: those images are computed with a shift per block (column 1), the others are untouched."""
+    log_w = _lognormal(40, 2, 1.5, seed=5)
+    log_w[:20, 1] -= 1000.0
+    got = block_spread(log_w, 4, partitions=1)
+    blocks = log_w.reshape(10, 4, 2)
+    want = (torch.logsumexp(blocks, 1) - math.log(4)).var(0).sqrt()
+    assert torch.isfinite(got).all() and float(got[1]) > 100
+    assert torch.allclose(got, want, rtol=1e-12, atol=0)
+    assert torch.equal(block_spread(log_w[:, 1:], 4, partitions=1), got[1:])  # the same bits alone
+
+
 def test_convergence_rate_reads_the_power_law_and_is_clipped() -> None:
     sd_b1 = torch.tensor([1.0, 1.0, 1.0, 0.0, 2.0], dtype=torch.float64)
     sd_b2 = torch.tensor([10**0.3, 10**0.9, 0.5, 0.0, 2.0], dtype=torch.float64)
