@@ -85,7 +85,9 @@ def main(argv: list[str] | None = None) -> int:
         merged = cpu_seconds(lambda lw=log_w: bound_stats(lw), a.repeats, inner)
         bits = same_bits(bound_stats(log_w), [bound_stats(c) for c in columns])
         per_alone, per_merged = alone / a.batch * 1e3, merged / a.batch * 1e3
-        print(f"| {k} | {per_alone:.3f} | {per_merged:.3f} | {per_alone / per_merged:.1f}× | {'yes' if bits else 'NO'} |")
+        print(
+            f"| {k} | {per_alone:.3f} | {per_merged:.3f} | {per_alone / per_merged:.1f}× | {'yes' if bits else 'NO'} |"
+        )
     return 0
 
 

@@ -98,13 +98,16 @@ def log_weights(model: torch.nn.Module, x: torch.Tensor, k: int, seed: int) -> t
     return engine_log_weights(model, x, noise).double()  # type: ignore[arg-type]
 
 
-def calibrate(model: torch.nn.Module, x: torch.Tensor, k: int, seeds: int, names: list[str]) -> dict:
-    """Per image: empirical SD of L_k over seeds, median reported stderr per estimator, median k̂."""
+def calibrate(
+    model: torch.nn.Module, x: torch.Tensor, k: int, seeds: int, names: list[str], seed_base: int = 1000
+) -> dict:
+    """Per image: empirical SD of L_k over seeds (seed_base, seed_base + 1, ...), median reported stderr per
+    estimator, median k̂; also the per-seed L_k and reported stderrs [seeds, images] for intervals."""
     lk = torch.empty(seeds, x.shape[0], dtype=torch.float64)
     k_hat = torch.empty_like(lk)
     reported = {n: torch.empty_like(lk) for n in names}
     for s in range(seeds):
-        log_w = log_weights(model, x, k, 1000 + s)
+        log_w = log_weights(model, x, k, seed_base + s)
         lk[s], k_hat[s] = iwae_bound(log_w), pareto_k(log_w)
         for n in names:
             reported[n][s] = ESTIMATORS[n](log_w)
@@ -113,7 +116,21 @@ def calibrate(model: torch.nn.Module, x: torch.Tensor, k: int, seeds: int, names
         "empirical_sd": emp,
         "median_k_hat": k_hat.median(0).values,
         "ratio": {n: emp / r.median(0).values for n, r in reported.items()},
+        "lk": lk,
+        "reported": reported,
     }
+
+
+def ratio_interval(
+    lk: torch.Tensor, reported: torch.Tensor, draws: int = 2000, level: float = 0.9
+) -> tuple[float, float]:
+    """Bootstrap interval of one image's SD / median stderr over its seeds (lk, reported: [seeds]): how much
+    the ratio itself moves with the draw of seeds (a heavy-tailed image's SD over 30 seeds is noisy)."""
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, lk.shape[0], (draws, lk.shape[0]), generator=g)
+    ratios = lk[idx].std(1) / reported[idx].median(1).values
+    lo, hi = torch.quantile(ratios, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=ratios.dtype))
+    return float(lo), float(hi)
 
 
 def _summary(ratio: torch.Tensor) -> str:
@@ -152,6 +169,13 @@ def main() -> None:
     p.add_argument("--lowest", type=int, default=0, help="with --flagged: print the N images with the lowest k̂")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", type=Path, help="write the per-image numbers here")
+    p.add_argument("--seed-base", type=int, default=1000, help="seeds used: seed-base, seed-base + 1, ...")
+    p.add_argument(
+        "--per-image",
+        action="store_true",
+        help="also print each image's ratio for the reported estimator (subsampling) with a bootstrap 90%% "
+        "interval over its seeds",
+    )
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     model, _, _ = load_checkpoint(a.ckpt)
@@ -170,7 +194,7 @@ def main() -> None:
     dump = {"images": indices, "seeds": a.seeds, "k": {}}
     for k in ks:
         start = time.perf_counter()
-        res = calibrate(model, x, k, a.seeds, names)
+        res = calibrate(model, x, k, a.seeds, names, a.seed_base)
         ok = res["median_k_hat"] <= RELIABLE_K_HAT
         cells = [f"{_summary(res['ratio'][n])} | {_summary(res['ratio'][n][ok])}" for n in names]
         print(f"| {k} | {len(indices)} ({int(ok.sum())}) | " + " | ".join(cells) + " |", flush=True)
@@ -180,6 +204,14 @@ def main() -> None:
             "median_k_hat": res["median_k_hat"].tolist(),
             "ratio": {n: r.tolist() for n, r in res["ratio"].items()},
         }
+        if a.per_image and "subsampling" in names:
+            for j, index in enumerate(indices):
+                lo, hi = ratio_interval(res["lk"][:, j], res["reported"]["subsampling"][:, j])
+                verdict = "reliable" if bool(ok[j]) else "unreliable"
+                print(
+                    f"  k={k} image {index}: median k̂ {float(res['median_k_hat'][j]):.2f} ({verdict}), "
+                    f"SD / median stderr {float(res['ratio']['subsampling'][j]):.2f}, bootstrap 90% [{lo:.2f}, {hi:.2f}]"
+                )
     if a.json:
         a.json.write_text(json.dumps(dump, indent=1))
 

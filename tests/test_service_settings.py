@@ -201,9 +201,7 @@ def test_main_runs_uvicorn_with_the_loaded_app(monkeypatch: pytest.MonkeyPatch, 
     assert registry is not None and registry.names() == ["m"]  # loaded before uvicorn started
 
 
-def test_switches_turn_on_and_off_from_flags_and_environment(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
+def test_switches_turn_on_and_off_from_flags_and_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     import service.drain
 
     monkeypatch.setenv("IWAE_ACCESS_LOG", "false")
