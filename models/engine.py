@@ -24,6 +24,7 @@ other images share a batch or on the chunk size.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,7 +36,7 @@ from models.distributions import LOG_2PI, gaussian_log_prob, std_normal_log_prob
 from models.kernels import _row_terms_plain, kernels, tanh_
 from models.networks import IWAE
 from models.psis import RELIABLE_K_HAT, pareto_k_rows
-from models.reductions import as_rows, as_tensor, row_log_mean_exp, row_logsumexp, row_mean
+from models.reductions import as_rows, as_tensor, row_logsumexp, row_mean
 from models.uncertainty import lk_stderr_rows
 
 log = logging.getLogger(__name__)
@@ -228,9 +229,10 @@ def bound_stats(log_w: torch.Tensor) -> BoundStats:
     other images share the call (models/reductions.py), so merged requests get what they get alone."""
     x = as_rows(log_w)
     k_hat = pareto_k_rows(x)
-    log_norm = x - row_logsumexp(x)[:, None]  # log w~, the normalised weights
+    log_total = row_logsumexp(x)
+    log_norm = x - log_total[:, None]  # log w~, the normalised weights
     cols = (
-        row_log_mean_exp(x),
+        log_total - math.log(x.shape[1]),  # L_k
         lk_stderr_rows(x, k_hat),
         np.exp(-row_logsumexp(2.0 * log_norm)),  # Kish's ESS, 1 / Σ w~²
         row_mean(x),
