@@ -70,6 +70,15 @@ def result(job: FairJob, timeout: float = 60.0) -> Any:
     return job.future.result(timeout)
 
 
+def solo_result(x: torch.Tensor, k: int, seed: int) -> Any:
+    """The job's answer from a scheduler of its own (nothing to merge with)."""
+    sched, _ = scheduler(chunk_rows=4096)
+    try:
+        return result(sched.submit_loglik(x, k, seed))
+    finally:
+        sched.stop()
+
+
 def test_small_job_finishes_while_a_big_one_is_still_running() -> None:
     sched, _ = scheduler(chunk_rows=64)
     try:
@@ -120,11 +129,7 @@ def test_mixed_k_jobs_share_one_engine_call_and_equal_their_solo_answers() -> No
         sched.stop()
     model = sched.model
     for (x, k, seed), got in zip(jobs, merged_results, strict=True):
-        solo_sched, _ = scheduler(chunk_rows=4096)
-        try:
-            solo = result(solo_sched.submit_loglik(x, k, seed))
-        finally:
-            solo_sched.stop()
+        solo = solo_result(x, k, seed)
         for field in ("loglik", "elbo", "ess", "stderr"):
             np.testing.assert_allclose(getattr(got, field), getattr(solo, field), rtol=2e-6, err_msg=field)
         # And the engine's own answer for the same seed (the determinism contract shared with `iwae eval`).
@@ -381,10 +386,6 @@ def test_small_jobs_take_one_worker_at_a_time_and_equal_their_solo_answers(monke
     finally:
         sched.stop()
     for (x, k, seed), got in zip(jobs, merged_results, strict=True):
-        solo_sched, _ = scheduler(chunk_rows=4096)
-        try:
-            solo = result(solo_sched.submit_loglik(x, k, seed))
-        finally:
-            solo_sched.stop()
+        solo = solo_result(x, k, seed)
         for field in ("loglik", "stderr", "ess", "elbo", "pareto_k", "reliable"):
             assert np.array_equal(getattr(got, field), getattr(solo, field), equal_nan=field != "reliable"), field
