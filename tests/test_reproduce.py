@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -47,3 +48,46 @@ def test_results_table_lists_evaluated_rows_beside_the_paper(tmp_path: Path) -> 
     write_results(tmp_path, results)
     text = results.read_text()
     assert "intro" in text and "after" in text and "old" not in text and "88.12" in text
+
+
+def _fake_card(out_dir: Path, name: str, nll: float, **card: object) -> None:
+    base = {"name": name, "epochs": 300, "wall_time_s": 4 * 3600.0, "hardware": "test-cpu", "objective": "iwae"}
+    base["eval"] = {"test": {"loglik": -nll, "loglik_stderr": 0.2, "active_units": [20], "k": 5000}}
+    save_checkpoint(out_dir / f"{name}.safetensors", IWAE(ModelConfig.paper(1)), base | card, None)
+
+
+def test_results_table_lists_models_outside_table1_with_what_the_paper_says(tmp_path: Path) -> None:
+    _fake_evaluated(tmp_path, "mnist-iwae-k50-1l", 86.0, [22])
+    _fake_card(tmp_path, "mnist-dreg-k50-1l", 85.5, dataset="mnist", estimator="dreg", k=50)
+    _fake_card(tmp_path, "omniglot-vae-k1-1l", 116.7, dataset="omniglot", objective="vae", estimator="vae", k=1)
+    _fake_card(tmp_path, "swap-vae-to-iwae-k50", 86.8, dataset="mnist", estimator="iwae", k=50)
+    save_checkpoint(tmp_path / "unevaluated.safetensors", IWAE(ModelConfig.paper(1)), {"name": "x"}, None)
+    rows = {line.split(" | ")[0][2:]: line for line in table1_markdown(tmp_path).splitlines()[2:]}
+    assert list(rows) == ["mnist-iwae-k50-1l", "mnist-dreg-k50-1l", "omniglot-vae-k1-1l", "swap-vae-to-iwae-k50"]
+    assert rows["mnist-dreg-k50-1l"].endswith("| 4.0 h | test-cpu | not in the paper (dreg gradient estimator) |")
+    assert "not comparable: our 28×28 approximation of OMNIGLOT" in rows["omniglot-vae-k1-1l"]
+    assert rows["swap-vae-to-iwae-k50"].endswith("| 84.88 (22) after the swap |")
+
+
+def test_swap_runs_the_directions_given_and_keeps_the_other_result(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from iwae_cli import main as cli_main
+    from training import reproduce
+
+    for name in ("vae", "iwae"):
+        _fake_card(tmp_path, name, 90.0)
+    ran = []
+    monkeypatch.setattr(
+        reproduce, "swap_one", lambda name, base, objective, k, plan: ran.append(name) or {"base": base.name}
+    )
+    out = tmp_path / "out"
+    common = ["reproduce", "swap", "--budget", "1", "--out-dir", str(out)]
+    assert cli_main([*common, "--vae", str(tmp_path / "vae.safetensors")]) == 0
+    assert ran == ["swap-vae-to-iwae-k50"]
+    assert cli_main([*common, "--iwae", str(tmp_path / "iwae.safetensors")]) == 0
+    assert ran == ["swap-vae-to-iwae-k50", "swap-iwae-to-vae-k1"]
+    result = json.loads((out / "swap.json").read_text())
+    assert result["vae_to_iwae"]["base"] == "vae.safetensors" and result["iwae_to_vae"]["base"] == "iwae.safetensors"
+    assert "--iwae" in result["iwae_to_vae"]["command"] and "--vae" in result["vae_to_iwae"]["command"]
+    assert cli_main(common) == 2  # neither base model: a CLI error naming the flags, no traceback

@@ -46,6 +46,11 @@ PAPER_SWAP = {
     "iwae_to_vae": {"before": (84.78, 25), "after": (86.02, 23)},
 }
 
+SWAPS = {  # direction: (--flag holding its base model, fine-tuned name, objective, k)
+    "vae_to_iwae": ("vae", "swap-vae-to-iwae-k50", "iwae", 50),
+    "iwae_to_vae": ("iwae", "swap-iwae-to-vae-k1", "vae", 1),
+}
+
 
 @dataclass(frozen=True)
 class Row:
@@ -166,25 +171,56 @@ def _fmt_units(units: list[int]) -> str:
     return "+".join(str(u) for u in units)
 
 
+def _fmt_wall(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds < 2 * 3600 else f"{seconds / 3600:.1f} h"
+
+
+def _table_row(name: str, card: dict[str, Any], paper: str) -> str:
+    test = card["eval"]["test"]
+    return (
+        f"| {name} | {-test['loglik']:.2f} | {test['loglik_stderr']:.2f} | {_fmt_units(test['active_units'])} "
+        f"| {card['epochs']} | {_fmt_wall(card.get('wall_time_s', 0))} | {card.get('hardware', '?')} | {paper} |"
+    )
+
+
+def paper_column(card: dict[str, Any]) -> str:
+    """What the paper reports for a model outside its Table 1 grid, or why there is nothing to compare with."""
+    name = card.get("name", "")
+    for direction, (_flag, swap_name, _objective, _k) in SWAPS.items():
+        if name == swap_name:
+            nll, units = PAPER_SWAP[direction]["after"]
+            return f"{nll:.2f} ({units}) after the swap"
+    if card.get("dataset") == "omniglot":
+        return "not comparable: our 28×28 approximation of OMNIGLOT, not the paper's file"
+    if card.get("estimator") not in (None, card.get("objective")):
+        return f"not in the paper ({card['estimator']} gradient estimator)"
+    return "not in the paper"
+
+
+def _evaluated(ckpt: Path) -> dict[str, Any] | None:
+    if not ckpt.exists():
+        return None
+    _, card, _ = load_checkpoint(ckpt)
+    return card if (card.get("eval") or {}).get("test") else None
+
+
 def table1_markdown(out_dir: Path) -> str:
+    """Table 1's rows found evaluated in ``out_dir``, then every other evaluated model there (DReG, OMNIGLOT,
+    the objective swap) with what the paper says of it."""
     lines = [
         "| row | our test NLL (−L_5000) | ± s.e. | active units | epochs | wall time | hardware | paper NLL (units) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for row in ALL_ROWS:
-        ckpt = out_dir / f"{row.name}.safetensors"
-        if not ckpt.exists():
+        if card := _evaluated(out_dir / f"{row.name}.safetensors"):
+            paper_nll, paper_units = PAPER_TABLE1[(row.dataset, row.layers, row.objective, row.k)]
+            lines.append(_table_row(row.name, card, f"{paper_nll:.2f} ({paper_units})"))
+    grid = {f"{row.name}.safetensors" for row in ALL_ROWS}
+    for ckpt in sorted(out_dir.glob("*.safetensors")):
+        if ckpt.name in grid or ckpt.name.endswith(".state.safetensors"):
             continue
-        _, card, _ = load_checkpoint(ckpt)
-        test = (card.get("eval") or {}).get("test")
-        if not test:
-            continue
-        paper_nll, paper_units = PAPER_TABLE1[(row.dataset, row.layers, row.objective, row.k)]
-        lines.append(
-            f"| {row.name} | {-test['loglik']:.2f} | {test['loglik_stderr']:.2f} | {_fmt_units(test['active_units'])} "
-            f"| {card['epochs']} | {card.get('wall_time_s', 0) / 60:.0f} min | {card.get('hardware', '?')} "
-            f"| {paper_nll:.2f} ({paper_units}) |"
-        )
+        if card := _evaluated(ckpt):
+            lines.append(_table_row(ckpt.stem, card, paper_column(card)))
     return "\n".join(lines)
 
 
@@ -233,18 +269,22 @@ def swap_one(name: str, base: Path, objective: str, k: int, plan: Plan) -> dict[
 
 
 def _cmd_swap(a: argparse.Namespace) -> int:
-    for ckpt in (a.vae, a.iwae):
+    """Each direction whose base model is given; swap.json keeps the other direction's earlier result."""
+    given = {d: getattr(a, flag) for d, (flag, *_rest) in SWAPS.items() if getattr(a, flag) is not None}
+    if not given:
+        raise ValueError("give --vae, --iwae or both: the converged base model(s) of the swap")
+    for ckpt in given.values():
         _, card, _ = load_checkpoint(ckpt)
         if not (card.get("eval") or {}).get("test"):
             raise ValueError(f"{ckpt}: no test evaluation in its card: run `iwae eval {ckpt} --update-card` first")
     plan = Plan.from_args(a)
     plan.out_dir.mkdir(parents=True, exist_ok=True)
-    result = {
-        "vae_to_iwae": swap_one("swap-vae-to-iwae-k50", a.vae, "iwae", 50, plan),
-        "iwae_to_vae": swap_one("swap-iwae-to-vae-k1", a.iwae, "vae", 1, plan),
-        "command": plan.command,
-    }
-    (plan.out_dir / "swap.json").write_text(json.dumps(result, indent=2))
+    out = plan.out_dir / "swap.json"
+    result = json.loads(out.read_text()) if out.exists() else {}
+    for direction, base in given.items():
+        _, name, objective, k = SWAPS[direction]
+        result[direction] = swap_one(name, base, objective, k, plan) | {"command": plan.command}
+    out.write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
     return 0
 
@@ -313,8 +353,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             q.add_argument("--rows", nargs="+", help="rows to run, e.g. mnist-iwae-k50-1l (default: all 12)")
             q.add_argument("--ray", metavar="ADDRESS", help="run every row as a task on this Ray cluster")
         else:
-            q.add_argument("--vae", type=Path, required=True, help="converged VAE k=1 checkpoint")
-            q.add_argument("--iwae", type=Path, required=True, help="converged IWAE k=50 checkpoint")
+            q.add_argument("--vae", type=Path, help="converged VAE k=1 checkpoint: fine-tune it as an IWAE k=50")
+            q.add_argument("--iwae", type=Path, help="converged IWAE k=50 checkpoint: fine-tune it as a VAE k=1")
     q = rsub.add_parser("figures", help="sample grids, log A_u histogram and training curves of --out-dir")
     q.add_argument("--out-dir", type=Path, default=Path("runs/zoo"), help="checkpoints (default: %(default)s)")
     q.add_argument("--figures", type=Path, default=Path("docs/figures"), help="output folder (default: %(default)s)")
