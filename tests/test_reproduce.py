@@ -91,3 +91,15 @@ def test_swap_runs_the_directions_given_and_keeps_the_other_result(
     assert result["vae_to_iwae"]["base"] == "vae.safetensors" and result["iwae_to_vae"]["base"] == "iwae.safetensors"
     assert "--iwae" in result["iwae_to_vae"]["command"] and "--vae" in result["vae_to_iwae"]["command"]
     assert cli_main(common) == 2  # neither base model: a CLI error naming the flags, no traceback
+
+
+def test_results_command_rewrites_the_table_without_training(tmp_path: Path) -> None:
+    from iwae_cli import main as cli_main
+
+    _fake_card(tmp_path, "mnist-iwae-k5-1l", 86.84, dataset="mnist", k=5)
+    results = tmp_path / "results.md"
+    results.write_text("intro\n<!-- table1:begin -->\nold\n<!-- table1:end -->\n")
+    assert cli_main(["reproduce", "results", "--out-dir", str(tmp_path), "--results", str(results)]) == 0
+    text = results.read_text()
+    assert "| mnist-iwae-k5-1l | 86.84 | 0.20 | 20 | 300 | 4.0 h | test-cpu | 85.54 (22) |" in text
+    assert "old" not in text and not list(tmp_path.glob("*.state.safetensors"))

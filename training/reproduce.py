@@ -24,6 +24,7 @@ from training.checkpoints import load_checkpoint, state_path
 from training.cliargs import add_arguments, arg, from_arguments, positive_int
 from training.config import LAYERS, OBJECTIVES, EvalConfig, TrainConfig
 from training.eval_checkpoint import evaluate_checkpoint
+from training.schedule import SCHEDULES
 from training.train import train
 
 # Table 1 of Burda et al. (2016), MNIST with dynamic binarization: NLL in nats (active units).
@@ -84,7 +85,14 @@ ALL_ROWS = [Row(dataset, layers, objective, k) for (dataset, layers, objective, 
 class Plan:
     """How every run of a reproduction is trained and evaluated (the common `iwae reproduce` flags)."""
 
-    budget: int = field(metadata=arg("epochs per run (compressed paper schedule)", type=positive_int))
+    budget: int = field(metadata=arg("epochs per run", type=positive_int))
+    schedule: str = field(
+        default="compressed",
+        metadata=arg(
+            "learning-rate schedule of every run (the zoo's 300-epoch runs: constant-decay; see `iwae train --help`)",
+            choices=tuple(s for s in SCHEDULES if s != "paper"),
+        ),
+    )
     seed: int = field(default=1, metadata=arg("seed of every run"))
     device: str = field(default="auto", metadata=arg("torch device", choices=DEVICE_CHOICES))
     data_root: Path | None = field(
@@ -119,6 +127,7 @@ class Plan:
             k=row.k,
             layers=row.layers,
             epochs=self.budget,
+            schedule=self.schedule,
             seed=self.seed,
             device=self.device,
             init_from=None if resume else init_from,
@@ -300,17 +309,21 @@ def _cmd_figures(a: argparse.Namespace) -> int:
     ckpts = [c for c in ckpts if not c.name.endswith(".state.safetensors")]
     if not ckpts:
         raise ValueError(f"no checkpoints in {a.out_dir}")
-    train_x = load_dataset("mnist", a.data_dir).train
-    au_x = binarize(
-        train_x[torch.randperm(train_x.shape[0], generator=torch.Generator().manual_seed(0))[:500]],
-        torch.Generator().manual_seed(0),
-    )
+    au_x: dict[str, torch.Tensor] = {}  # per data set: 500 training images, binarized once
+
+    def au_images(dataset: str) -> torch.Tensor:
+        if dataset not in au_x:
+            train_x = load_dataset(dataset, a.data_dir).train
+            pick = torch.randperm(train_x.shape[0], generator=torch.Generator().manual_seed(0))[:500]
+            au_x[dataset] = binarize(train_x[pick], torch.Generator().manual_seed(0))
+        return au_x[dataset]
+
     a_u, logs = {}, {}
     for ckpt in ckpts:
         model, card, _ = load_checkpoint(ckpt)
         name = card["name"]
         save_image_grid(model.sample(64, generator=torch.Generator().manual_seed(0)), figs / f"samples-{name}.png")
-        a_u[name] = active_unit_variances(model, au_x, generator=torch.Generator().manual_seed(0))
+        a_u[name] = active_unit_variances(model, au_images(card["dataset"]), generator=torch.Generator().manual_seed(0))
         for log in (ckpt.with_name(name + ".log.jsonl"), ckpt.parent / "logs" / f"{name}.log.jsonl"):
             if log.exists():
                 logs[name] = read_log(log)
@@ -321,6 +334,12 @@ def _cmd_figures(a: argparse.Namespace) -> int:
     plot_active_units(a_u, figs / "active-units-all.png")
     plot_training_curves(logs, figs / "training-curves.png")
     print(f"figures written to {figs}")
+    return 0
+
+
+def _cmd_results(a: argparse.Namespace) -> int:
+    write_results(a.out_dir, a.results)
+    print(f"{a.results}: table rewritten from the evaluated checkpoints in {a.out_dir}")
     return 0
 
 
@@ -355,6 +374,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         else:
             q.add_argument("--vae", type=Path, help="converged VAE k=1 checkpoint: fine-tune it as an IWAE k=50")
             q.add_argument("--iwae", type=Path, help="converged IWAE k=50 checkpoint: fine-tune it as a VAE k=1")
+    q = rsub.add_parser("results", help="rewrite --results' table from the evaluated checkpoints in --out-dir")
+    q.add_argument("--out-dir", type=Path, default=Path("runs/zoo"), help="checkpoints (default: %(default)s)")
+    q.add_argument(
+        "--results", type=Path, default=Path("docs/results.md"), help="table to (re)write (default: %(default)s)"
+    )
+    q.set_defaults(func=_cmd_results)
     q = rsub.add_parser("figures", help="sample grids, log A_u histogram and training curves of --out-dir")
     q.add_argument("--out-dir", type=Path, default=Path("runs/zoo"), help="checkpoints (default: %(default)s)")
     q.add_argument("--figures", type=Path, default=Path("docs/figures"), help="output folder (default: %(default)s)")
