@@ -71,7 +71,7 @@ def subsampling_one_rate(log_w: torch.Tensor, which: str) -> torch.Tensor:
     b1, b2 = block_sizes(k)
     sd_b1 = block_spread(log_w, b1)
     if which == "tail":
-        return sd_b1 * (b1 / k) ** tail_rate(pareto_k(log_w))
+        return sd_b1 * (b1 / k) ** tail_rate(pareto_k(log_w), k)
     return sd_b1 * (b1 / k) ** convergence_rate(sd_b1, block_spread(log_w, b2), b1, b2)
 
 

@@ -14,9 +14,13 @@ it is then carried from b1 = k/10 to k with sd(L_b) ∝ b^-γ:
 
 - γ_measured = log(sd(L_b2) / sd(L_b1)) / log(b1 / b2) with b2 = b1/10: how fast the spread shrank below b1.
   With heavy tails the decay slows as blocks grow, so this overstates the decay from b1 to k.
-- γ_tail = 1 - k̂ (k̂ the PSIS tail shape, models/psis.py): a mean of weights with tail shape ξ in (1/2, 1)
-  fluctuates on the scale k^(ξ-1) (stable laws). At practical k the fitted k̂ overstates the tail (k̂ > 1
-  is common although E w = p(x) is finite), so this understates the decay.
+- γ_tail = 1 - ξ⁺: a mean of weights with tail shape ξ in (1/2, 1) fluctuates on the scale k^(ξ-1) (stable
+  laws). ξ⁺ = k̂ + 0.75 (1 + k̂) / √M is the PSIS tail shape (models/psis.py) fitted to the M largest weights,
+  taken three quarters of its standard error (1 + ξ)/√M up: k̂ from the 10 largest of 50 weights often calls
+  a tail light that is not, and with k̂ itself the error bars of the images PSIS calls reliable came out
+  1.3–1.8x too narrow at k = 50 (docs/service.md, "Measured calibration"). At practical k and for heavy
+  tails the fitted k̂ overstates the tail (k̂ > 1 is common although E w = p(x) is finite), and there the
+  margin changes nothing: the rate is clipped at 0.
 
 Both are clipped to [0, 1/2] (1/2 is the central limit theorem's rate, and both equal it for light tails).
 Either alone was 1.3–2× off on real MNIST; their average was within ~10% in the median (bench/calibration.py
@@ -39,7 +43,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from models.psis import pareto_k_rows
+from models.psis import pareto_k_rows, tail_length
 from models.reductions import as_rows, as_tensor, row_log_mean_exp, row_max, row_mean, row_var, tree_sum
 
 # Blocks at the larger size (b1 = k / BLOCKS) and the ratio of the two block sizes (b2 = b1 / SIZE_RATIO).
@@ -49,6 +53,8 @@ SIZE_RATIO = 10
 PARTITIONS = 8
 # The fastest a standard error can shrink with k (the central limit theorem's rate).
 CLT_RATE = 0.5
+# The tail shape behind γ_tail: k̂ plus this many of its standard errors (1 + k̂)/√M (chosen on 200-seed dumps).
+TAIL_MARGIN = 0.75
 # Below this a block's sum of exp(log w - max) has weights near the subnormal range (e^-645): recomputed exactly.
 SMALLEST_BLOCK_SUM = 1e-280
 
@@ -120,14 +126,15 @@ def _convergence_rate(sd_b1: np.ndarray, sd_b2: np.ndarray, b1: int, b2: int) ->
     return np.clip(np.where(np.isnan(rate), CLT_RATE, rate), 0.0, CLT_RATE)  # ±inf: clipped
 
 
-def tail_rate(k_hat: torch.Tensor) -> torch.Tensor:
-    """γ = 1 - k̂ (stable-law scaling of a mean of weights with tail shape k̂), clipped to [0, 1/2];
-    0 where k̂ is undefined (+inf or NaN: too few samples to fit a tail). [batch] -> [batch]."""
-    return torch.from_numpy(_tail_rate(k_hat.to("cpu", torch.float64).numpy())).to(k_hat.device)
+def tail_rate(k_hat: torch.Tensor, k: int) -> torch.Tensor:
+    """γ = 1 - ξ⁺ (stable-law scaling of a mean of k weights whose tail shape is ξ⁺, k̂ taken TAIL_MARGIN of its
+    standard errors up), clipped to [0, 1/2]; 0 where k̂ is undefined (+inf or NaN: too few samples to fit a
+    tail). [batch] -> [batch]."""
+    return torch.from_numpy(_tail_rate(k_hat.to("cpu", torch.float64).numpy(), k)).to(k_hat.device)
 
 
-def _tail_rate(k_hat: np.ndarray) -> np.ndarray:
-    rate = 1.0 - k_hat
+def _tail_rate(k_hat: np.ndarray, k: int) -> np.ndarray:
+    rate = 1.0 - (k_hat + TAIL_MARGIN * (1.0 + k_hat) / math.sqrt(tail_length(k)))
     return np.clip(np.where(np.isnan(rate), 0.0, rate), 0.0, CLT_RATE)  # k̂ = +inf: -inf, clipped to 0
 
 
@@ -155,7 +162,7 @@ def lk_stderr_rows(x: np.ndarray, k_hat: np.ndarray | None = None) -> np.ndarray
     if k_hat is None:
         k_hat = pareto_k_rows(x)
     measured = _convergence_rate(sd_b1, _block_spread(x, peak, w, b2, PARTITIONS), b1, b2)
-    return sd_b1 * (b1 / k) ** (0.5 * (measured + _tail_rate(k_hat)))
+    return sd_b1 * (b1 / k) ** (0.5 * (measured + _tail_rate(k_hat, k)))
 
 
 # --- L_k to a requested precision ----------------------------------------------------------------------
