@@ -40,7 +40,7 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--no-first-run",
 ]
-PAGE_MODELS = ("mnist-iwae-k50-1l", "mnist-iwae-k5-2l")
+PAGE_MODELS = ("mnist-iwae-k50-1l", "mnist-iwae-k5-1l")
 
 
 def binary_images(n: int, seed: int = 0) -> np.ndarray:
