@@ -142,8 +142,13 @@ def test_linear_tanh_values_and_gradients() -> None:
     b = torch.randn(5, generator=g, dtype=torch.float64)
     want = torch.tanh(F.linear(x, w, b))
     assert torch.allclose(linear_tanh(x, w, b), want, rtol=0, atol=1e-15)
-    got32 = linear_tanh(x.float(), w.float(), b.float()).double()
-    assert float((got32 - want).abs().max()) < 5e-7
+    # In float32, against the float64 answer for the same float32-rounded inputs: the rounding of x, w and b
+    # alone moves tanh by up to 6e-7 here (torch's own float32 tanh(linear) was 5.9e-7 from `want` on an Intel
+    # Xeon, where this check used to fail), which says nothing about the kernel.
+    x32, w32, b32 = x.float(), w.float(), b.float()
+    want32 = torch.tanh(F.linear(x32.double(), w32.double(), b32.double()))
+    got32 = linear_tanh(x32, w32, b32).double()
+    assert float((got32 - want32).abs().max()) < 5e-7
     z = torch.linspace(-30, 30, 2001, dtype=torch.float32).view(-1, 1)  # tiny |z| (cancellation) to saturation
     one = torch.ones(1, 1)
     assert float((linear_tanh(z, one, torch.zeros(1)) - torch.tanh(z)).abs().max()) < 2.5e-7
