@@ -3,7 +3,9 @@ reproduced by `iwae eval` on a 500-image test subset."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,9 @@ import pytest
 from iwae_cli import main as cli_main
 from models.checkpoint import REQUIRED_CARD_KEYS
 from training.checkpoints import load_checkpoint
+from training.config import EvalConfig
 from training.datasets import data_dir
+from training.evaluate import images_per_batch
 
 ZOO = Path(__file__).resolve().parents[1] / "models" / "zoo"
 SHIPPED = sorted(ZOO.glob("*.safetensors"))
@@ -50,7 +54,7 @@ def _has_test_set(dataset: str) -> bool:
 def test_recorded_test_loglik_is_reproduced_on_500_images(
     ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    _, card, _ = load_checkpoint(ckpt)
+    model, card, _ = load_checkpoint(ckpt)
     if not _has_test_set(card["dataset"]):
         pytest.skip(f"{card['dataset']} not in the data dir {data_dir()}")
     recorded = card["eval"]["test"]
@@ -58,8 +62,14 @@ def test_recorded_test_loglik_is_reproduced_on_500_images(
     hist = tmp_path / "au.png"
     assert cli_main([*args, "--json", "--no-progress", "--au-images", "2", "--histogram", str(hist)]) == 0
     out = json.loads(capsys.readouterr().out)
-    # Same images, binarization and seed: only the Monte Carlo noise of a few batches can differ.
-    assert out["loglik"] == pytest.approx(recorded["first_500"]["loglik"], abs=0.05)
+    # Same images, binarization, seed and batches of noise, but for the last batch of this shorter run: its
+    # noise is drawn for fewer images, so those images' estimates (each with Monte Carlo SD ~ the card's RMS
+    # `mc_stderr`) differ from the full run's. Their mean moves by SD ~ mc·sqrt(2m)/500; 4 of those, plus float
+    # rounding. (A flat 0.05 was 1.7 of them for the heavy-tailed default model, which failed at 0.052.)
+    memory_mb = next(f.default for f in dataclasses.fields(EvalConfig) if f.name == "memory_mb")  # `iwae eval`'s
+    m = 500 % images_per_batch(model, 5000, memory_mb * 2**20)
+    tol = 4 * recorded["mc_stderr"] * math.sqrt(2 * m) / 500 + 1e-3
+    assert out["loglik"] == pytest.approx(recorded["first_500"]["loglik"], abs=tol)
     # The subset's mean estimates the full test-set mean within the subset's reported standard error; not for
     # OMNIGLOT, whose test set is ordered by alphabet (its first 500 images are one alphabet's, not a sample).
     if card["dataset"] == "mnist":
