@@ -3,7 +3,6 @@ reproduced by `iwae eval` on a 500-image test subset."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from pathlib import Path
@@ -66,8 +65,7 @@ def test_recorded_test_loglik_is_reproduced_on_500_images(
     # noise is drawn for fewer images, so those images' estimates (each with Monte Carlo SD ~ the card's RMS
     # `mc_stderr`) differ from the full run's. Their mean moves by SD ~ mc·sqrt(2m)/500; 4 of those, plus float
     # rounding. (A flat 0.05 was 1.7 of them for the heavy-tailed default model, which failed at 0.052.)
-    memory_mb = next(f.default for f in dataclasses.fields(EvalConfig) if f.name == "memory_mb")  # `iwae eval`'s
-    m = 500 % images_per_batch(model, 5000, memory_mb * 2**20)
+    m = 500 % images_per_batch(model, 5000, EvalConfig.memory_mb * 2**20)  # `iwae eval`'s default --memory-mb
     tol = 4 * recorded["mc_stderr"] * math.sqrt(2 * m) / 500 + 1e-3
     assert out["loglik"] == pytest.approx(recorded["first_500"]["loglik"], abs=tol)
     # The subset's mean estimates the full test-set mean within the subset's reported standard error; not for

@@ -160,7 +160,7 @@ class Plan:
         return load_checkpoint(ckpt)[1]
 
     def needs_eval(self, card: dict[str, Any]) -> bool:
-        test = (card.get("eval") or {}).get("test")
+        test = test_eval(card)
         want = self.eval_images or 10_000
         return (
             not test
@@ -168,6 +168,11 @@ class Plan:
             or test.get("n_images") != want
             or test.get("epochs_at_eval") != card["epochs"]
         )
+
+
+def test_eval(card: dict[str, Any]) -> dict[str, Any] | None:
+    """The card's test-set evaluation (`iwae eval --split test --update-card`), if it has one."""
+    return (card.get("eval") or {}).get("test")
 
 
 def run_row(row: Row, plan: Plan) -> None:
@@ -210,7 +215,7 @@ def _evaluated(ckpt: Path) -> dict[str, Any] | None:
     if not ckpt.exists():
         return None
     _, card, _ = load_checkpoint(ckpt)
-    return card if (card.get("eval") or {}).get("test") else None
+    return card if test_eval(card) else None
 
 
 def table1_markdown(out_dir: Path) -> str:
@@ -284,7 +289,7 @@ def _cmd_swap(a: argparse.Namespace) -> int:
         raise ValueError("give --vae, --iwae or both: the converged base model(s) of the swap")
     for ckpt in given.values():
         _, card, _ = load_checkpoint(ckpt)
-        if not (card.get("eval") or {}).get("test"):
+        if not test_eval(card):
             raise ValueError(f"{ckpt}: no test evaluation in its card: run `iwae eval {ckpt} --update-card` first")
     plan = Plan.from_args(a)
     plan.out_dir.mkdir(parents=True, exist_ok=True)
@@ -357,6 +362,16 @@ def write_results(out_dir: Path, target: Path) -> None:
     target.write_text(text)
 
 
+def _add_results_arg(q: argparse.ArgumentParser) -> None:
+    q.add_argument(
+        "--results", type=Path, default=Path("docs/results.md"), help="table to (re)write (default: %(default)s)"
+    )
+
+
+def _add_out_dir_arg(q: argparse.ArgumentParser) -> None:
+    q.add_argument("--out-dir", type=Path, default=Path("runs/zoo"), help="checkpoints (default: %(default)s)")
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("reproduce", help="reproduce the paper's Table 1 and objective swap at a budget")
     rsub = p.add_subparsers(dest="experiment", required=True)
@@ -364,9 +379,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         q = rsub.add_parser(name)
         add_arguments(q, Plan)
         q.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
-        q.add_argument(
-            "--results", type=Path, default=Path("docs/results.md"), help="table to (re)write (default: %(default)s)"
-        )
+        _add_results_arg(q)
         q.set_defaults(func=func)
         if name == "table1":
             q.add_argument("--rows", nargs="+", help="rows to run, e.g. mnist-iwae-k50-1l (default: all 12)")
@@ -375,13 +388,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             q.add_argument("--vae", type=Path, help="converged VAE k=1 checkpoint: fine-tune it as an IWAE k=50")
             q.add_argument("--iwae", type=Path, help="converged IWAE k=50 checkpoint: fine-tune it as a VAE k=1")
     q = rsub.add_parser("results", help="rewrite --results' table from the evaluated checkpoints in --out-dir")
-    q.add_argument("--out-dir", type=Path, default=Path("runs/zoo"), help="checkpoints (default: %(default)s)")
-    q.add_argument(
-        "--results", type=Path, default=Path("docs/results.md"), help="table to (re)write (default: %(default)s)"
-    )
+    _add_out_dir_arg(q)
+    _add_results_arg(q)
     q.set_defaults(func=_cmd_results)
     q = rsub.add_parser("figures", help="sample grids, log A_u histogram and training curves of --out-dir")
-    q.add_argument("--out-dir", type=Path, default=Path("runs/zoo"), help="checkpoints (default: %(default)s)")
+    _add_out_dir_arg(q)
     q.add_argument("--figures", type=Path, default=Path("docs/figures"), help="output folder (default: %(default)s)")
     q.add_argument("--data-dir", type=Path, help="data directory (default: IWAE_DATA_DIR or a cache dir)")
     q.set_defaults(func=_cmd_figures)
