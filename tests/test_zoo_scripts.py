@@ -1,0 +1,70 @@
+"""zoo-training/finish.sh: a run reaches the zoo only when finished, evaluated into its card."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+
+from training.datasets import data_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+MNIST_DIR = data_dir() / "mnist"
+pytestmark = [
+    pytest.mark.skipif(shutil.which("bash") is None or shutil.which("pgrep") is None, reason="needs bash and pgrep"),
+    pytest.mark.skipif(not any(MNIST_DIR.glob("train-images-idx3-ubyte*")), reason=f"real MNIST not in {MNIST_DIR}"),
+]
+
+
+def env(zoo: Path) -> dict[str, str]:
+    return {**os.environ, "IWAE_REPO": str(ROOT), "IWAE_ZOO": str(zoo), "IWAE_PYTHON": sys.executable}
+
+
+def train_tiny(runs: Path, epochs: int) -> None:
+    """A run of a 2-epoch plan on 200 images; with ``epochs=1`` its log stops at epoch 1, as if interrupted."""
+    args = ["--out", str(runs / "tiny.safetensors"), "--k", "5", "--epochs", "2", "--schedule", "constant-decay",
+            "--max-train-images", "200", "--threads", "1", "--no-progress", "--val-k", "5"]
+    subprocess.run([sys.executable, "-m", "iwae_cli", "train", *args], check=True, cwd=ROOT, capture_output=True)
+    if epochs < 2:
+        log = runs / "tiny.log.jsonl"
+        log.write_text(log.read_text().splitlines()[0] + "\n")
+
+
+def finish(runs: Path, zoo: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["bash", str(runs / "finish.sh"), "tiny", *extra], env=env(zoo), cwd=ROOT,
+                          capture_output=True, text=True)
+
+
+@pytest.fixture
+def runs(tmp_path: Path) -> Path:
+    runs = tmp_path / "zoo-training"
+    runs.mkdir()
+    shutil.copy(ROOT / "zoo-training" / "finish.sh", runs)
+    return runs
+
+
+def test_finish_refuses_a_run_short_of_its_epochs(runs: Path, tmp_path: Path) -> None:
+    train_tiny(runs, epochs=1)
+    result = finish(runs, tmp_path / "zoo")
+    assert result.returncode == 2
+    assert "has 1 of 2 epochs" in result.stderr
+    assert (runs / "tiny.safetensors").exists() and not (tmp_path / "zoo").exists()
+
+
+def test_finish_evaluates_into_the_card_and_moves_the_run(runs: Path, tmp_path: Path) -> None:
+    train_tiny(runs, epochs=2)
+    zoo = tmp_path / "zoo"
+    result = finish(runs, zoo, "--max-images", "20", "--k", "50", "--au-images", "50")
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in runs.glob("tiny*")) == ["tiny.active-units.png"]  # state deleted, rest moved
+    assert [json.loads(line)["epoch"] for line in (zoo / "logs" / "tiny.log.jsonl").read_text().splitlines()] == [1, 2]
+    with safe_open(str(zoo / "tiny.safetensors"), "pt") as f:
+        test = json.loads(f.metadata()["card"])["eval"]["test"]
+    assert (test["k"], test["n_images"], test["epochs_at_eval"]) == (50, 20, 2)
+    assert test["quantiles"] and test["nll"] > 0
