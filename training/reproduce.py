@@ -189,11 +189,23 @@ def _fmt_wall(seconds: float) -> str:
     return f"{seconds / 60:.0f} min" if seconds < 2 * 3600 else f"{seconds / 3600:.1f} h"
 
 
+def _fmt_epochs(card: dict[str, Any]) -> str:
+    """"300 + 100" for a model trained on from another (``--init-from``: the swap, a continued run)."""
+    base = (card.get("init_from") or {}).get("card") or {}
+    return f"{base['epochs']} + {card['epochs']}" if base.get("epochs") else str(card["epochs"])
+
+
+def _total_wall(card: dict[str, Any]) -> float:
+    """Training seconds including the model it started from, where that model's card recorded them."""
+    base = (card.get("init_from") or {}).get("card") or {}
+    return card.get("wall_time_s", 0) + (base.get("wall_time_s") or 0)
+
+
 def _table_row(name: str, card: dict[str, Any], paper: str) -> str:
     test = card["eval"]["test"]
     return (
         f"| {name} | {-test['loglik']:.2f} | {test['loglik_stderr']:.2f} | {_fmt_units(test['active_units'])} "
-        f"| {card['epochs']} | {_fmt_wall(card.get('wall_time_s', 0))} | {card.get('hardware', '?')} | {paper} |"
+        f"| {_fmt_epochs(card)} | {_fmt_wall(_total_wall(card))} | {card.get('hardware', '?')} | {paper} |"
     )
 
 

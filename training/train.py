@@ -226,4 +226,4 @@ def _initial_state(cfg: TrainConfig, data: Dataset, schedule: Schedule) -> tuple
     return model, card, 0, 0, 0.0
 
 
-_CARD_SUMMARY = ("name", "objective", "k", "estimator", "epochs", "eval")
+_CARD_SUMMARY = ("name", "objective", "k", "estimator", "epochs", "schedule", "seed", "wall_time_s", "hardware", "eval")
