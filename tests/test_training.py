@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +19,7 @@ from models.checkpoint import CheckpointError
 from models.engine import bound_stats, engine_log_weights
 from models.estimators import ESTIMATORS
 from training import train as train_mod
-from training.checkpoints import load_checkpoint, state_path
+from training.checkpoints import load_checkpoint, read_train_state_meta, state_path
 from training.datasets import Dataset, binarize, data_dir, load_dataset, subset
 from training.schedule import Schedule, paper_stage_lr
 from training.train import TrainConfig, log_path, train
@@ -306,3 +311,27 @@ def test_smooth_schedules_span_the_paper_range_and_never_increase(name: str) -> 
         assert s.lr_at(7.5) == pytest.approx((PAPER_BASE_LR * FINAL_LR) ** 0.5)  # geometric midpoint of the decay
     else:
         assert s.lr_at(5.0) == pytest.approx((PAPER_BASE_LR + FINAL_LR) / 2)
+
+
+@needs_mnist
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_saves_the_state_mid_epoch(tmp_path: Path, sig: signal.Signals) -> None:
+    """`kill` (SIGTERM) and `kill -INT` on a background run stop it like Ctrl-C: state saved at the current step.
+    The child starts with SIGINT ignored, as a shell's background job does."""
+    out = tmp_path / "run.safetensors"
+    cmd = [sys.executable, "-m", "iwae_cli", "train", "--out", str(out), "--k", "50", "--epochs", "1",
+           "--max-train-images", "40000", "--threads", "1", "--checkpoint-minutes", "60", "--val-k", "5"]
+    with (tmp_path / "stderr").open("w+") as err:
+        proc = subprocess.Popen(cmd, stderr=err, stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1],
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+        try:
+            deadline = time.monotonic() + 120
+            while not re.search(r"\d+it/s", (tmp_path / "stderr").read_text()) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            proc.send_signal(sig)
+            assert proc.wait(timeout=60) == 130
+        finally:
+            proc.kill()
+    assert "interrupted: state saved" in (tmp_path / "stderr").read_text()
+    meta = read_train_state_meta(state_path(out))
+    assert meta["epoch"] == 0 and 0 < meta["step"] < 2000, meta

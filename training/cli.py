@@ -7,9 +7,13 @@ eval flags are generated from TrainConfig and EvalConfig (training/config.py).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shlex
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -68,7 +72,8 @@ def _cmd_train(a: argparse.Namespace) -> int:
     _set_threads(a.threads)
     cfg = from_arguments(TrainConfig, a, command=_command_line(a))
     try:
-        card = train(cfg)
+        with _stop_signals_interrupt():
+            card = train(cfg)
     except KeyboardInterrupt:
         print(
             f"\ninterrupted: state saved; continue with the same command plus --resume (out {cfg.out})",
@@ -77,6 +82,26 @@ def _cmd_train(a: argparse.Namespace) -> int:
         return 130
     print(json.dumps({"out": str(cfg.out), "epochs": card["epochs"], "wall_time_s": card.get("wall_time_s")}))
     return 0
+
+
+@contextlib.contextmanager
+def _stop_signals_interrupt() -> Iterator[None]:
+    """SIGTERM and SIGINT save the state and stop like Ctrl-C. Without this, `kill`, `docker stop` or a
+    cluster's preemption (SIGTERM) lose everything since the last periodic checkpoint, and so does `kill -INT`
+    on a run started in the background, where the shell sets SIGINT to ignored."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
