@@ -79,6 +79,13 @@ def test_results_table_counts_the_epochs_and_hours_of_a_continued_model(tmp_path
     assert "| 300 + 10 | 10 min |" in rows["swap-vae-to-iwae-k50"]
 
 
+def test_results_table_follows_a_chain_of_continued_runs(tmp_path: Path) -> None:
+    first = {"epochs": 300, "wall_time_s": 8 * 3600.0, "init_from": None}
+    second = {"epochs": 100, "wall_time_s": 3600.0, "init_from": {"card": first}}
+    _fake_card(tmp_path, "mnist-iwae-k50-1l", 85.9, epochs=50, wall_time_s=1800.0, init_from={"card": second})
+    assert "| 300 + 100 + 50 | 9.5 h |" in table1_markdown(tmp_path)
+
+
 def test_swap_runs_the_directions_given_and_keeps_the_other_result(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

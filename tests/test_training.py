@@ -186,6 +186,11 @@ def test_init_from_starts_from_the_given_weights(tmp_path: Path) -> None:
         data,
     )
     assert card["init_from"]["from"] == "base.safetensors" and card["init_from"]["card"]["objective"] == "vae"
+    again = train(TrainConfig(out=tmp_path / "again.safetensors", k=5, epochs=1, val_k=5, progress=False,
+                              init_from=tuned), data)
+    lineage = again["init_from"]["card"]  # the base's summary keeps its own base's, for the results table
+    assert lineage["epochs"] == 1 and lineage["init_from"]["card"]["objective"] == "vae"
+    assert lineage["wall_time_s"] == card["wall_time_s"]
     a, _, _ = load_checkpoint(base)
     b, _, _ = load_checkpoint(tuned)
     # A learning rate of 1e-12 leaves the weights where --init-from put them.

@@ -189,16 +189,23 @@ def _fmt_wall(seconds: float) -> str:
     return f"{seconds / 60:.0f} min" if seconds < 2 * 3600 else f"{seconds / 3600:.1f} h"
 
 
+def _lineage(card: dict[str, Any]) -> list[dict[str, Any]]:
+    """The cards of the runs that made a model, first run first (``--init-from`` chains: the swap, a continued
+    run), as far as each card kept a summary of the one it started from."""
+    chain = [card]
+    while (base := (chain[-1].get("init_from") or {}).get("card")) and len(chain) < 100:
+        chain.append(base)
+    return chain[::-1]
+
+
 def _fmt_epochs(card: dict[str, Any]) -> str:
-    """"300 + 100" for a model trained on from another (``--init-from``: the swap, a continued run)."""
-    base = (card.get("init_from") or {}).get("card") or {}
-    return f"{base['epochs']} + {card['epochs']}" if base.get("epochs") else str(card["epochs"])
+    """"300 + 100" for a model trained on from another."""
+    return " + ".join(str(c["epochs"]) for c in _lineage(card) if c.get("epochs") is not None)
 
 
 def _total_wall(card: dict[str, Any]) -> float:
-    """Training seconds including the model it started from, where that model's card recorded them."""
-    base = (card.get("init_from") or {}).get("card") or {}
-    return card.get("wall_time_s", 0) + (base.get("wall_time_s") or 0)
+    """Training seconds of every run in the lineage whose card recorded them."""
+    return sum(c.get("wall_time_s") or 0 for c in _lineage(card))
 
 
 def _table_row(name: str, card: dict[str, Any], paper: str) -> str:

@@ -226,4 +226,5 @@ def _initial_state(cfg: TrainConfig, data: Dataset, schedule: Schedule) -> tuple
     return model, card, 0, 0, 0.0
 
 
-_CARD_SUMMARY = ("name", "objective", "k", "estimator", "epochs", "schedule", "seed", "wall_time_s", "hardware", "eval")
+# init_from too, so that a model continued from a continued model keeps its whole lineage.
+_CARD_SUMMARY = ("name", "objective", "k", "estimator", "epochs", "schedule", "seed", "wall_time_s", "hardware", "eval", "init_from")
