@@ -26,10 +26,11 @@ def env(zoo: Path) -> dict[str, str]:
     return {**os.environ, "IWAE_REPO": str(ROOT), "IWAE_ZOO": str(zoo), "IWAE_PYTHON": sys.executable}
 
 
-def train_tiny(runs: Path, epochs: int) -> None:
+def train_tiny(runs: Path, epochs: int, init_from: Path | None = None) -> None:
     """A run of a 2-epoch plan on 200 images; with ``epochs=1`` its log stops at epoch 1, as if interrupted."""
     args = ["--out", str(runs / "tiny.safetensors"), "--k", "5", "--epochs", "2", "--schedule", "constant-decay",
             "--max-train-images", "200", "--threads", "1", "--no-progress", "--val-k", "5"]
+    args += ["--init-from", str(init_from)] if init_from else []
     subprocess.run([sys.executable, "-m", "iwae_cli", "train", *args], check=True, cwd=ROOT, capture_output=True)
     if epochs < 2:
         log = runs / "tiny.log.jsonl"
@@ -68,3 +69,16 @@ def test_finish_evaluates_into_the_card_and_moves_the_run(runs: Path, tmp_path: 
         test = json.loads(f.metadata()["card"])["eval"]["test"]
     assert (test["k"], test["n_images"], test["epochs_at_eval"]) == (50, 20, 2)
     assert test["quantiles"] and test["nll"] > 0
+
+
+def test_finish_appends_a_continuation_to_the_log_of_the_run_it_continued(runs: Path, tmp_path: Path) -> None:
+    zoo = tmp_path / "zoo"
+    train_tiny(runs, epochs=2)
+    assert finish(runs, zoo, "--max-images", "5", "--k", "5", "--au-images", "20").returncode == 0
+    train_tiny(runs, epochs=2, init_from=zoo / "tiny.safetensors")  # as extend.sh continues a zoo model
+    result = finish(runs, zoo, "--max-images", "5", "--k", "5", "--au-images", "20")
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in (zoo / "logs" / "tiny.log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 3, 4]
+    assert [r.get("run_epoch") for r in records] == [None, None, 1, 2]
+    assert not list(runs.glob("tiny*.jsonl")) and not list(runs.glob("tiny*.safetensors"))

@@ -31,8 +31,25 @@ cd "$repo"
 OMP_NUM_THREADS=1 "$py" -m "${IWAE_CLI_MODULE:-iwae_cli}" eval "$ckpt" --k 5000 --split test \
   --update-card --quantiles --threads 1 --no-progress "$@"
 mkdir -p "$zoo/logs"
+# A continuation of the zoo's own NAME (extend.sh) appends its epochs to the log of the run it continued,
+# numbered on from it ("run_epoch" keeps its own count), so the log and the curves cover the whole training.
+"$py" - "$ckpt" "$log" "$zoo/logs/$name.log.jsonl" "$name.safetensors" <<'EOF'
+import json, sys
+from pathlib import Path
+from safetensors import safe_open
+ckpt, log, zoo_log, own = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]
+with safe_open(ckpt, "pt") as f:
+    init = json.loads(f.metadata()["card"]).get("init_from") or {}
+if init.get("from") == own and zoo_log.exists():
+    before = zoo_log.read_text()
+    offset = json.loads(before.splitlines()[-1])["epoch"]
+    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    records = [r | {"epoch": r["epoch"] + offset, "run_epoch": r["epoch"]} for r in records]
+    zoo_log.write_text(before + "".join(json.dumps(r) + "\n" for r in records))
+    log.unlink()
+EOF
 mv "$ckpt" "$zoo/$name.safetensors"
-mv "$log" "$zoo/logs/$name.log.jsonl"
+if [[ -f $log ]]; then mv "$log" "$zoo/logs/$name.log.jsonl"; fi
 rm -f "$state"
 echo "finish.sh: $name is in $zoo. Next: iwae reproduce results --out-dir models/zoo;" \
   "iwae reproduce figures --out-dir models/zoo --figures docs/figures; the README's table."
