@@ -25,7 +25,7 @@ print(min(card["epochs"], last), card["schedule"]["epochs"])
 EOF
 )
 if (( done_epochs < planned )); then
-  echo "finish.sh: $name has $done_epochs of $planned epochs; resume it with zoo-training/run.sh" >&2; exit 2
+  echo "finish.sh: $name has $done_epochs of $planned epochs; resume it (zoo-training/run.sh or extend.sh)" >&2; exit 2
 fi
 cd "$repo"
 OMP_NUM_THREADS=1 "$py" -m "${IWAE_CLI_MODULE:-iwae_cli}" eval "$ckpt" --k 5000 --split test \
