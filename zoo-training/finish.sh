@@ -14,42 +14,46 @@ for f in "$ckpt" "$log"; do [[ -f $f ]] || { echo "finish.sh: no $f" >&2; exit 2
 if pgrep -f -- "--out $ckpt" >/dev/null; then
   echo "finish.sh: $name is still training (pgrep -f -- '--out $ckpt')" >&2; exit 2
 fi
+cd "$repo"  # the inline Python below imports the project
 # The trainer writes the log line after the checkpoint of that epoch, so the two agree on a finished run.
-read -r done_epochs planned < <("$py" - "$ckpt" "$log" <<'EOF'
+# A continuation of the zoo's own NAME (extend.sh: init_from is NAME) extends that model's zoo log below.
+read -r done_epochs planned continues < <("$py" - "$ckpt" "$log" "$name.safetensors" "$zoo/logs/$name.log.jsonl" <<'EOF'
 import json, sys
-from safetensors import safe_open
-with safe_open(sys.argv[1], "pt") as f:
-    card = json.loads(f.metadata()["card"])
-last = json.loads(open(sys.argv[2]).read().splitlines()[-1])["epoch"]
-print(min(card["epochs"], last), card["schedule"]["epochs"])
+from pathlib import Path
+from models.checkpoint import parse_card, read_metadata
+from training.checkpoints import read_bytes
+ckpt, log, own, zoo_log = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], Path(sys.argv[4])
+card = parse_card(read_metadata(read_bytes(ckpt), str(ckpt)), str(ckpt))
+last = json.loads(log.read_text().splitlines()[-1])["epoch"]
+continues = (card.get("init_from") or {}).get("from") == own and zoo_log.exists()
+print(min(card["epochs"], last), card["schedule"]["epochs"], int(continues))
 EOF
 )
 if (( done_epochs < planned )); then
   echo "finish.sh: $name has $done_epochs of $planned epochs; resume it (zoo-training/run.sh or extend.sh)" >&2; exit 2
 fi
-cd "$repo"
 OMP_NUM_THREADS=1 "$py" -m "${IWAE_CLI_MODULE:-iwae_cli}" eval "$ckpt" --k 5000 --split test \
   --update-card --quantiles --threads 1 --no-progress "$@"
 mkdir -p "$zoo/logs"
-# A continuation of the zoo's own NAME (extend.sh) appends its epochs to the log of the run it continued,
-# numbered on from it ("run_epoch" keeps its own count), so the log and the curves cover the whole training.
-"$py" - "$ckpt" "$log" "$zoo/logs/$name.log.jsonl" "$name.safetensors" <<'EOF'
+if (( continues )); then
+  # Appended to the log of the run it continued, numbered on from it ("run_epoch" keeps its own count), so the
+  # log and the training curves cover the whole training.
+  "$py" - "$log" "$zoo/logs/$name.log.jsonl" <<'EOF'
 import json, sys
 from pathlib import Path
-from safetensors import safe_open
-ckpt, log, zoo_log, own = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]
-with safe_open(ckpt, "pt") as f:
-    init = json.loads(f.metadata()["card"]).get("init_from") or {}
-if init.get("from") == own and zoo_log.exists():
-    before = zoo_log.read_text()
-    offset = json.loads(before.splitlines()[-1])["epoch"]
-    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-    records = [r | {"epoch": r["epoch"] + offset, "run_epoch": r["epoch"]} for r in records]
-    zoo_log.write_text(before + "".join(json.dumps(r) + "\n" for r in records))
-    log.unlink()
+from training.files import atomic_write_bytes
+log, zoo_log = Path(sys.argv[1]), Path(sys.argv[2])
+before = zoo_log.read_text()
+offset = json.loads(before.splitlines()[-1])["epoch"]
+records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+added = "".join(json.dumps(r | {"epoch": r["epoch"] + offset, "run_epoch": r["epoch"]}) + "\n" for r in records)
+atomic_write_bytes(zoo_log, (before + added).encode())
 EOF
+  rm "$log"
+else
+  mv "$log" "$zoo/logs/$name.log.jsonl"
+fi
 mv "$ckpt" "$zoo/$name.safetensors"
-if [[ -f $log ]]; then mv "$log" "$zoo/logs/$name.log.jsonl"; fi
 rm -f "$state"
 echo "finish.sh: $name is in $zoo. Next: iwae reproduce results --out-dir models/zoo;" \
   "iwae reproduce figures --out-dir models/zoo --figures docs/figures; the README's table."
