@@ -1,7 +1,7 @@
-"""The training side of the `iwae` command: train, eval, plot-log, data, reproduce.
+"""The training side of the `iwae` command: train, eval, compare, plot-log, data, reproduce.
 
-The `iwae` entry point itself (iwae_cli/) adds `serve`; nothing here knows about the service. The train and
-eval flags are generated from TrainConfig and EvalConfig (training/config.py).
+The `iwae` entry point itself (iwae_cli/) adds `serve`; nothing here knows about the service. The train, eval
+and compare flags are generated from TrainConfig, EvalConfig and CompareConfig (training/config.py).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 from models.checkpoint import CheckpointError
 from training import datacmd, reproduce
 from training.cliargs import add_arguments, from_arguments, positive_int
-from training.config import EvalConfig, TrainConfig
+from training.config import CompareConfig, EvalConfig, TrainConfig
 from training.datasets import DatasetError
 
 # What a command reports as "iwae CMD: error: ..." with exit status 2 instead of a traceback.
@@ -29,9 +29,10 @@ USER_ERRORS = (CheckpointError, DatasetError, ValueError, FileNotFoundError)
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Add train, eval, plot-log, data and reproduce to the `iwae` command's subparsers."""
+    """Add train, eval, compare, plot-log, data and reproduce to the `iwae` command's subparsers."""
     _add_train(sub)
     _add_eval(sub)
+    _add_compare(sub)
     _add_plot_log(sub)
     datacmd.add_parser(sub)
     reproduce.add_parser(sub)
@@ -129,6 +130,36 @@ def _cmd_eval(a: argparse.Namespace) -> int:
             f"active units {r['active_units']} (A_u > {r['active_units_threshold']}, "
             f"{r['active_units_images']} training images), {r['seconds']:.1f} s"
         )
+    return 0
+
+
+def _add_compare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "compare",
+        help="compare two checkpoints on the same images and noise: L_k(B) - L_k(A) with its paired stderr",
+    )
+    add_arguments(p, CompareConfig)
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    _add_threads(p)
+    p.set_defaults(func=_cmd_compare)
+
+
+def _cmd_compare(a: argparse.Namespace) -> int:
+    from training.compare import compare_checkpoints
+
+    _set_threads(a.threads)
+    cfg = from_arguments(CompareConfig, a)
+    r = compare_checkpoints(cfg).to_dict()
+    if a.json:
+        print(json.dumps(r, indent=2))
+        return 0
+    for name, res in ((cfg.a.name, r["a"]), (cfg.b.name, r["b"])):
+        print(f"{name}: {cfg.split} L_{cfg.k} = {res['loglik']:.3f} ± {res['loglik_stderr']:.3f} nats")
+    print(
+        f"B - A = {r['difference']:+.3f} ± {r['difference_stderr']:.3f} nats (paired over {r['a']['n_images']} "
+        f"images, same binarization and noise; unpaired it would be ± {r['unpaired_stderr']:.3f}); "
+        f"B is higher on {100 * r['b_better_fraction']:.1f}% of images"
+    )
     return 0
 
 

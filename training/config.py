@@ -142,3 +142,30 @@ class EvalConfig:
     @property
     def histogram_path(self) -> Path:
         return self.histogram or self.ckpt.with_name(self.ckpt.name.removesuffix(".safetensors") + ".active-units.png")
+
+
+@dataclass
+class CompareConfig:
+    """Two checkpoints evaluated on the same images with the same noise, and their difference."""
+
+    a: Path = field(metadata=arg("first checkpoint (.safetensors)", positional=True))
+    b: Path = field(metadata=arg("second checkpoint, compared with the first (B − A)", positional=True))
+    k: int = field(default=5000, metadata=arg("samples per image of L_k", type=positive_int))
+    split: str = field(default="test", metadata=arg("data split", choices=SPLITS))
+    max_images: int | None = field(
+        default=None, metadata=arg("compare on the first N images of the split", type=positive_int)
+    )
+    seed: int = field(default=0, metadata=arg("seed of the samples and of the binarization (shared by both)"))
+    memory_mb: int = field(default=512, metadata=arg("memory budget of the engine (MiB)", type=positive_int))
+    device: str = field(default="auto", metadata=arg("torch device", choices=DEVICE_CHOICES))
+    data_root: Path | None = field(
+        default=None, metadata=arg("data directory (default: IWAE_DATA_DIR or a cache dir)", flag="--data-dir")
+    )
+    progress: bool = field(default=True, metadata=arg("no progress bar", flag="--no-progress"))
+
+    def __post_init__(self) -> None:
+        self.a, self.b = Path(self.a), Path(self.b)
+        if self.split not in SPLITS:
+            raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {self.split!r}")
+        if self.k < 1 or self.memory_mb < 1:
+            raise ValueError("k and memory-mb must be >= 1")
