@@ -86,6 +86,15 @@ def test_results_table_follows_a_chain_of_continued_runs(tmp_path: Path) -> None
     assert "| 300 + 100 + 50 | 9.5 h |" in table1_markdown(tmp_path)
 
 
+def test_results_table_names_the_estimator_of_a_run_that_changed_it(tmp_path: Path) -> None:
+    first = {"epochs": 300, "objective": "iwae", "estimator": "iwae", "wall_time_s": 8 * 3600.0}
+    _fake_card(tmp_path, "mnist-iwae-k50-1l", 85.7, epochs=40, estimator="dreg", k=50, init_from={"card": first})
+    _fake_card(tmp_path, "mnist-dreg-k50-1l", 85.8, dataset="mnist", estimator="dreg", k=50)
+    rows = {line.split(" | ")[0][2:]: line for line in table1_markdown(tmp_path).splitlines()[2:]}
+    assert "| 300 + 40 dreg | 12.0 h | test-cpu | 84.78 (25) |" in rows["mnist-iwae-k50-1l"]
+    assert "| 300 | 4.0 h |" in rows["mnist-dreg-k50-1l"]  # one estimator throughout: the paper column says it
+
+
 def test_swap_runs_the_directions_given_and_keeps_the_other_result(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
