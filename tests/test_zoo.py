@@ -18,6 +18,7 @@ from training.evaluate import images_per_batch
 
 ZOO = Path(__file__).resolve().parents[1] / "models" / "zoo"
 SHIPPED = sorted(ZOO.glob("*.safetensors"))
+README = ZOO.parents[1] / "README.md"
 TRAINING_KEYS = ("epochs", "schedule", "seed", "data_mean", "versions", "wall_time_s", "hardware", "train_command")
 EVAL_KEYS = ("loglik", "loglik_stderr", "elbo", "active_units", "k", "n_images", "binarization", "first_500")
 # Whole test sets: MNIST's, and the OMNIGLOT approximation's evaluation alphabets (docs/data.md). Literals, because
@@ -41,6 +42,18 @@ def test_shipped_checkpoint_loads_with_a_complete_card(ckpt: Path) -> None:
     assert test["k"] == 5000 and test["n_images"] == TEST_IMAGES[card["dataset"]]
     assert len(test["active_units"]) == model.config.n_layers
     assert data_mean is not None and data_mean.shape == (model.config.x_dim,)
+
+
+@pytest.mark.parametrize("ckpt", SHIPPED, ids=lambda p: p.stem)
+def test_the_readme_table_shows_each_shipped_models_card(ckpt: Path) -> None:
+    """The README's model table is written by hand: it must follow the cards (a retrained model, a new one)."""
+    _, card, _ = load_checkpoint(ckpt)
+    test = card["eval"]["test"]
+    rows = [line for line in README.read_text().splitlines() if line.startswith(f"| `{ckpt.stem}`")]
+    assert len(rows) == 1, f"README.md: no row (or several) for {ckpt.stem} in the shipped models table"
+    cells = [c.strip() for c in rows[0].split("|")]
+    assert cells[2] == f"{-test['loglik']:.2f} ± {test['loglik_stderr']:.2f}", rows[0]
+    assert cells[3] == "+".join(map(str, test["active_units"])), rows[0]
 
 
 def _has_test_set(dataset: str) -> bool:
