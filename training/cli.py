@@ -13,7 +13,7 @@ import shlex
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -105,12 +105,19 @@ def _stop_signals_interrupt() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def _add_eval(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="evaluate a checkpoint: L_k, ELBO, active units")
-    add_arguments(p, EvalConfig)
+def _add_config_command(
+    sub: argparse._SubParsersAction, name: str, help_text: str, cls: type, func: Callable[[argparse.Namespace], int]
+) -> None:
+    """A subcommand whose flags are the fields of ``cls``, plus --json and --threads."""
+    p = sub.add_parser(name, help=help_text)
+    add_arguments(p, cls)
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     _add_threads(p)
-    p.set_defaults(func=_cmd_eval)
+    p.set_defaults(func=func)
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    _add_config_command(sub, "eval", "evaluate a checkpoint: L_k, ELBO, active units", EvalConfig, _cmd_eval)
 
 
 def _cmd_eval(a: argparse.Namespace) -> int:
@@ -134,14 +141,8 @@ def _cmd_eval(a: argparse.Namespace) -> int:
 
 
 def _add_compare(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "compare",
-        help="compare two checkpoints on the same images and noise: L_k(B) - L_k(A) with its paired stderr",
-    )
-    add_arguments(p, CompareConfig)
-    p.add_argument("--json", action="store_true", help="print the results as JSON")
-    _add_threads(p)
-    p.set_defaults(func=_cmd_compare)
+    help_text = "compare two checkpoints on the same images and noise: L_k(B) - L_k(A) with its paired stderr"
+    _add_config_command(sub, "compare", help_text, CompareConfig, _cmd_compare)
 
 
 def _cmd_compare(a: argparse.Namespace) -> int:
