@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
 import shlex
 import signal
@@ -15,6 +16,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -106,62 +108,66 @@ def _stop_signals_interrupt() -> Iterator[None]:
 
 
 def _add_config_command(
-    sub: argparse._SubParsersAction, name: str, help_text: str, cls: type, func: Callable[[argparse.Namespace], int]
+    sub: argparse._SubParsersAction,
+    name: str,
+    help_text: str,
+    cls: type,
+    compute: str,
+    summary: Callable[[Any, dict[str, Any]], str],
 ) -> None:
-    """A subcommand whose flags are the fields of ``cls``, plus --json and --threads."""
+    """A subcommand whose flags are the fields of ``cls`` plus --json and --threads: it builds the config, runs
+    ``compute`` ("module:function", imported only when the command runs, so that `iwae --help` stays quick) on it
+    and prints the result's ``to_dict()`` as JSON or as ``summary``'s text."""
+
+    def command(a: argparse.Namespace) -> int:
+        _set_threads(a.threads)
+        cfg = from_arguments(cls, a)
+        module, function = compute.split(":")
+        r = getattr(importlib.import_module(module), function)(cfg).to_dict()
+        print(json.dumps(r, indent=2) if a.json else summary(cfg, r))
+        return 0
+
     p = sub.add_parser(name, help=help_text)
     add_arguments(p, cls)
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     _add_threads(p)
-    p.set_defaults(func=func)
+    p.set_defaults(func=command)
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
-    _add_config_command(sub, "eval", "evaluate a checkpoint: L_k, ELBO, active units", EvalConfig, _cmd_eval)
+    help_text = "evaluate a checkpoint: L_k, ELBO, active units"
+    compute = "training.eval_checkpoint:evaluate_checkpoint"
+    _add_config_command(sub, "eval", help_text, EvalConfig, compute, _eval_summary)
 
 
-def _cmd_eval(a: argparse.Namespace) -> int:
-    from training.eval_checkpoint import evaluate_checkpoint
-
-    _set_threads(a.threads)
-    cfg = from_arguments(EvalConfig, a)
-    r = evaluate_checkpoint(cfg).to_dict()
-    if a.json:
-        print(json.dumps(r, indent=2))
-    else:
-        print(
-            f"{cfg.ckpt.name}: {cfg.split} L_{cfg.k} = {r['loglik']:.3f} ± {r['loglik_stderr']:.3f} nats "
-            f"(NLL {-r['loglik']:.3f}; over {r['n_images']} images), ELBO = {r['elbo']:.3f}, "
-            f"Monte Carlo stderr {r['mc_stderr']:.3f} (RMS per image), "
-            f"{100 * r['unreliable_fraction']:.1f}% of images unreliable (PSIS k̂ > 0.7), "
-            f"active units {r['active_units']} (A_u > {r['active_units_threshold']}, "
-            f"{r['active_units_images']} training images), {r['seconds']:.1f} s"
-        )
-    return 0
+def _eval_summary(cfg: EvalConfig, r: dict[str, Any]) -> str:
+    return (
+        f"{cfg.ckpt.name}: {cfg.split} L_{cfg.k} = {r['loglik']:.3f} ± {r['loglik_stderr']:.3f} nats "
+        f"(NLL {-r['loglik']:.3f}; over {r['n_images']} images), ELBO = {r['elbo']:.3f}, "
+        f"Monte Carlo stderr {r['mc_stderr']:.3f} (RMS per image), "
+        f"{100 * r['unreliable_fraction']:.1f}% of images unreliable (PSIS k̂ > 0.7), "
+        f"active units {r['active_units']} (A_u > {r['active_units_threshold']}, "
+        f"{r['active_units_images']} training images), {r['seconds']:.1f} s"
+    )
 
 
 def _add_compare(sub: argparse._SubParsersAction) -> None:
     help_text = "compare two checkpoints on the same images and noise: L_k(B) - L_k(A) with its paired stderr"
-    _add_config_command(sub, "compare", help_text, CompareConfig, _cmd_compare)
+    compute = "training.compare:compare_checkpoints"
+    _add_config_command(sub, "compare", help_text, CompareConfig, compute, _compare_summary)
 
 
-def _cmd_compare(a: argparse.Namespace) -> int:
-    from training.compare import compare_checkpoints
-
-    _set_threads(a.threads)
-    cfg = from_arguments(CompareConfig, a)
-    r = compare_checkpoints(cfg).to_dict()
-    if a.json:
-        print(json.dumps(r, indent=2))
-        return 0
-    for name, res in ((cfg.a.name, r["a"]), (cfg.b.name, r["b"])):
-        print(f"{name}: {cfg.split} L_{cfg.k} = {res['loglik']:.3f} ± {res['loglik_stderr']:.3f} nats")
-    print(
+def _compare_summary(cfg: CompareConfig, r: dict[str, Any]) -> str:
+    lines = [
+        f"{name}: {cfg.split} L_{cfg.k} = {res['loglik']:.3f} ± {res['loglik_stderr']:.3f} nats"
+        for name, res in ((cfg.a.name, r["a"]), (cfg.b.name, r["b"]))
+    ]
+    lines.append(
         f"B - A = {r['difference']:+.3f} ± {r['difference_stderr']:.3f} nats (paired over {r['a']['n_images']} "
         f"images, same binarization and noise; unpaired it would be ± {r['unpaired_stderr']:.3f}); "
         f"B is higher on {100 * r['b_better_fraction']:.1f}% of images"
     )
-    return 0
+    return "\n".join(lines)
 
 
 def _add_plot_log(sub: argparse._SubParsersAction) -> None:
