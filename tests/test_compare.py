@@ -65,6 +65,12 @@ def test_compare_is_each_models_eval_on_the_same_images_and_noise(
     # A model against itself: the same noise gives the same per-image values, so no difference at all.
     same = _json_run(["compare", str(a), str(a), *common], capsys)
     assert same["difference"] == 0.0 and same["difference_stderr"] == 0.0 and same["b_better_fraction"] == 0.0
+    # One image: no standard error, said as null in strict JSON and in words on the terminal, not as NaN.
+    assert cli_main(["compare", str(a), str(b), "--k", "8", "--max-images", "1", "--no-progress", "--json"]) == 0
+    one = json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+    assert one["difference_stderr"] is None and one["a"]["loglik_stderr"] is None
+    assert cli_main(["compare", str(a), str(b), "--k", "8", "--max-images", "1", "--no-progress"]) == 0
+    assert "n/a (one image)" in capsys.readouterr().out
 
 
 def test_compare_refuses_models_of_different_data(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -142,9 +142,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 def _eval_summary(cfg: EvalConfig, r: dict[str, Any]) -> str:
     return (
-        f"{cfg.ckpt.name}: {cfg.split} L_{cfg.k} = {r['loglik']:.3f} ± {r['loglik_stderr']:.3f} nats "
+        f"{cfg.ckpt.name}: {cfg.split} L_{cfg.k} = {r['loglik']:.3f} ± {_fmt_stderr(r['loglik_stderr'])} nats "
         f"(NLL {-r['loglik']:.3f}; over {r['n_images']} images), ELBO = {r['elbo']:.3f}, "
-        f"Monte Carlo stderr {r['mc_stderr']:.3f} (RMS per image), "
+        f"Monte Carlo stderr {_fmt_stderr(r['mc_stderr'])} (RMS per image), "
         f"{100 * r['unreliable_fraction']:.1f}% of images unreliable (PSIS k̂ > 0.7), "
         f"active units {r['active_units']} (A_u > {r['active_units_threshold']}, "
         f"{r['active_units_images']} training images), {r['seconds']:.1f} s"
@@ -157,14 +157,20 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     _add_config_command(sub, "compare", help_text, CompareConfig, compute, _compare_summary)
 
 
+def _fmt_stderr(se: float | None) -> str:
+    """A standard error, or why there is none (the JSON's null: one image has no spread over images)."""
+    return "n/a (one image)" if se is None else f"{se:.3f}"
+
+
 def _compare_summary(cfg: CompareConfig, r: dict[str, Any]) -> str:
     lines = [
-        f"{name}: {cfg.split} L_{cfg.k} = {res['loglik']:.3f} ± {res['loglik_stderr']:.3f} nats"
+        f"{name}: {cfg.split} L_{cfg.k} = {res['loglik']:.3f} ± {_fmt_stderr(res['loglik_stderr'])} nats"
         for name, res in ((cfg.a.name, r["a"]), (cfg.b.name, r["b"]))
     ]
     lines.append(
-        f"B - A = {r['difference']:+.3f} ± {r['difference_stderr']:.3f} nats (paired over {r['a']['n_images']} "
-        f"images, same binarization and noise; unpaired it would be ± {r['unpaired_stderr']:.3f}); "
+        f"B - A = {r['difference']:+.3f} ± {_fmt_stderr(r['difference_stderr'])} nats (paired over "
+        f"{r['a']['n_images']} images, same binarization and noise seed; unpaired it would be ± "
+        f"{_fmt_stderr(r['unpaired_stderr'])}); "
         f"B is higher on {100 * r['b_better_fraction']:.1f}% of images"
     )
     return "\n".join(lines)

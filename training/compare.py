@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from models.checkpoint import finite_or_none
 from models.device import resolve_device
 from training.checkpoints import load_checkpoint
 from training.config import CompareConfig
@@ -41,12 +42,13 @@ class Comparison:
         return float((self.b.per_image > self.a.per_image).double().mean())
 
     def to_dict(self) -> dict[str, object]:
+        """The JSON of `iwae compare --json`; a standard error of one image is null (strict JSON has no NaN)."""
         return {
             "a": self.a.to_dict(),
             "b": self.b.to_dict(),
             "difference": self.difference,
-            "difference_stderr": self.difference_stderr,
-            "unpaired_stderr": math.hypot(self.a.loglik_stderr, self.b.loglik_stderr),
+            "difference_stderr": finite_or_none(self.difference_stderr),
+            "unpaired_stderr": finite_or_none(math.hypot(self.a.loglik_stderr, self.b.loglik_stderr)),
             "b_better_fraction": self.b_better_fraction,
             "binarization": self.binarization,
         }
@@ -62,7 +64,8 @@ def paired_difference(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
 
 
 def compare_checkpoints(cfg: CompareConfig) -> Comparison:
-    """Evaluate ``cfg.a`` and ``cfg.b`` on the same binarized images with the same noise seed."""
+    """Evaluate ``cfg.a`` and ``cfg.b`` on the same binarized images with the same noise seed (the same noise
+    itself where their latent layers have the same sizes, which is what makes the per-image difference tight)."""
     device = resolve_device(cfg.device)
     (model_a, card_a, _), (model_b, card_b, _) = load_checkpoint(cfg.a), load_checkpoint(cfg.b)
     if card_a.get("dataset") != card_b.get("dataset"):

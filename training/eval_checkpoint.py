@@ -10,7 +10,6 @@ from typing import Any
 
 import torch
 
-from models.checkpoint import finite_or_none
 from models.device import resolve_device
 from models.networks import IWAE
 from models.noise import seeded_generator
@@ -66,7 +65,6 @@ class EvalReport:
             "hardware": self.hardware,
             "date": self.date,
         }
-        d["loglik_stderr"] = finite_or_none(d["loglik_stderr"])
         if self.result.n_images > SUBSET:
             # Lets a later, cheaper check re-evaluate just these images and compare like with like.
             head = self.result.per_image[:SUBSET]

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
+from models.checkpoint import finite_or_none
 from models.engine import bound_stats, chunk_rows_for, engine_log_weights
 from models.networks import IWAE
 from models.noise import seeded_generator
@@ -31,16 +32,17 @@ class EvalResult:
     per_image: torch.Tensor = field(repr=False)  # [N] L_k of each image
     pareto_k: torch.Tensor | None = field(default=None, repr=False)  # [N] PSIS k̂ of each image
 
-    def to_dict(self) -> dict[str, float | int]:
+    def to_dict(self) -> dict[str, float | int | None]:
+        """As JSON holds it: a standard error of one image, or the k̂ of too few samples (inf), is null."""
         return {
             "k": self.k,
             "n_images": self.n_images,
             "loglik": self.loglik,
             "nll": -self.loglik,
-            "loglik_stderr": self.loglik_stderr,
-            "mc_stderr": self.mc_stderr,
+            "loglik_stderr": finite_or_none(self.loglik_stderr),
+            "mc_stderr": finite_or_none(self.mc_stderr),
             "unreliable_fraction": self.unreliable_fraction,
-            "median_pareto_k": self.median_pareto_k,
+            "median_pareto_k": finite_or_none(self.median_pareto_k),
             "elbo": self.elbo,
             "seconds": round(self.seconds, 2),
         }
