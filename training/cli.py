@@ -144,7 +144,7 @@ def _eval_summary(cfg: EvalConfig, r: dict[str, Any]) -> str:
     return (
         f"{cfg.ckpt.name}: {cfg.split} L_{cfg.k} = {r['loglik']:.3f} ± {_fmt_stderr(r['loglik_stderr'])} nats "
         f"(NLL {-r['loglik']:.3f}; over {r['n_images']} images), ELBO = {r['elbo']:.3f}, "
-        f"Monte Carlo stderr {_fmt_stderr(r['mc_stderr'])} (RMS per image), "
+        f"Monte Carlo stderr {_fmt_stderr(r['mc_stderr'], 'n/a')} (RMS per image), "
         f"{100 * r['unreliable_fraction']:.1f}% of images unreliable (PSIS k̂ > 0.7), "
         f"active units {r['active_units']} (A_u > {r['active_units_threshold']}, "
         f"{r['active_units_images']} training images), {r['seconds']:.1f} s"
@@ -157,9 +157,9 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     _add_config_command(sub, "compare", help_text, CompareConfig, compute, _compare_summary)
 
 
-def _fmt_stderr(se: float | None) -> str:
-    """A standard error, or why there is none (the JSON's null: one image has no spread over images)."""
-    return "n/a (one image)" if se is None else f"{se:.3f}"
+def _fmt_stderr(se: float | None, missing: str = "n/a (one image)") -> str:
+    """A standard error, or why there is none (the JSON's null: over images, one image has no spread)."""
+    return missing if se is None else f"{se:.3f}"
 
 
 def _compare_summary(cfg: CompareConfig, r: dict[str, Any]) -> str:
