@@ -28,28 +28,17 @@ class Comparison:
     b: EvalResult
     binarization: str
 
-    @property
-    def difference(self) -> float:
-        """Mean over images of L_k(B) − L_k(A) (nats; positive: B gives the data more probability)."""
-        return paired_difference(self.a.per_image, self.b.per_image)[0]
-
-    @property
-    def difference_stderr(self) -> float:
-        return paired_difference(self.a.per_image, self.b.per_image)[1]
-
-    @property
-    def b_better_fraction(self) -> float:
-        return float((self.b.per_image > self.a.per_image).double().mean())
-
     def to_dict(self) -> dict[str, object]:
-        """The JSON of `iwae compare --json`; a standard error of one image is null (strict JSON has no NaN)."""
+        """The JSON of `iwae compare --json`: ``difference`` is the mean over images of L_k(B) − L_k(A) (nats;
+        positive: B gives the data more probability); a standard error of one image is null (JSON has no NaN)."""
+        difference, stderr = paired_difference(self.a.per_image, self.b.per_image)
         return {
             "a": self.a.to_dict(),
             "b": self.b.to_dict(),
-            "difference": self.difference,
-            "difference_stderr": finite_or_none(self.difference_stderr),
+            "difference": difference,
+            "difference_stderr": finite_or_none(stderr),
             "unpaired_stderr": finite_or_none(math.hypot(self.a.loglik_stderr, self.b.loglik_stderr)),
-            "b_better_fraction": self.b_better_fraction,
+            "b_better_fraction": float((self.b.per_image > self.a.per_image).double().mean()),
             "binarization": self.binarization,
         }
 
