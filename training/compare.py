@@ -62,9 +62,7 @@ def compare_checkpoints(cfg: CompareConfig) -> Comparison:
             f"{cfg.a.name} is a {card_a.get('dataset')} model and {cfg.b.name} a {card_b.get('dataset')} one: "
             "their likelihoods are of different data and cannot be compared"
         )
-    x, binarization = split_images(card_a, cfg.split, cfg.seed, cfg.data_root)
-    if cfg.max_images:
-        x = x[: cfg.max_images]
+    x, binarization = split_images(card_a, cfg.split, cfg.seed, cfg.data_root, cfg.max_images)
     memory_bytes = cfg.memory_mb * 2**20
     a, b = (
         evaluate_dataset(m.to(device), x, cfg.k, seed=cfg.seed, memory_bytes=memory_bytes, progress=cfg.progress)

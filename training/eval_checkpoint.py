@@ -72,13 +72,18 @@ class EvalReport:
         return d
 
 
-def split_images(card: dict[str, Any], split: str, seed: int, data_root: Path | None) -> tuple[torch.Tensor, str]:
-    """The split's images, binarized once with ``seed`` for dynamically binarized data sets."""
+def split_images(
+    card: dict[str, Any], split: str, seed: int, data_root: Path | None, first: int | None = None
+) -> tuple[torch.Tensor, str]:
+    """The split's images, binarized once with ``seed`` for dynamically binarized data sets; with ``first``, its
+    first images only, cut after binarizing so that an image gets the same pixels whatever ``first`` is."""
     data = load_dataset(card["dataset"], data_root)
     x = getattr(data, split)
     if data.binarization == "dynamic":
-        return binarize(x, torch.Generator().manual_seed(seed)), f"stochastic, sampled once with seed {seed}"
-    return x, "fixed"
+        x, how = binarize(x, torch.Generator().manual_seed(seed)), f"stochastic, sampled once with seed {seed}"
+    else:
+        how = "fixed"
+    return (x[:first] if first else x), how
 
 
 def _evaluate_on_ray(model: IWAE, x: torch.Tensor, cfg: EvalConfig, device: torch.device) -> EvalResult:
@@ -107,9 +112,7 @@ def evaluate_checkpoint(cfg: EvalConfig) -> EvalReport:
     device = resolve_device(cfg.device)
     model, card, _ = load_checkpoint(cfg.ckpt)
     model.to(device)
-    x, binarization = split_images(card, cfg.split, cfg.seed, cfg.data_root)
-    if cfg.max_images:
-        x = x[: cfg.max_images]
+    x, binarization = split_images(card, cfg.split, cfg.seed, cfg.data_root, cfg.max_images)
     memory_bytes = cfg.memory_mb * 2**20
     if cfg.ray:
         res = _evaluate_on_ray(model, x, cfg, device)
