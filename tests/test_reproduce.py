@@ -95,6 +95,14 @@ def test_results_table_names_the_estimator_of_a_run_that_changed_it(tmp_path: Pa
     assert "| 300 | 4.0 h |" in rows["mnist-dreg-k50-1l"]  # one estimator throughout: the paper column says it
 
 
+def test_results_table_says_how_far_a_stopped_run_got(tmp_path: Path) -> None:
+    _fake_card(tmp_path, "mnist-iwae-k50-2l", 84.9, epochs=300, schedule={"name": "paper", "epochs": 3280})
+    _fake_card(tmp_path, "mnist-iwae-k5-1l", 86.8, epochs=300, schedule={"name": "constant-decay", "epochs": 300})
+    rows = {line.split(" | ")[0][2:]: line for line in table1_markdown(tmp_path).splitlines()[2:]}
+    assert "| 300 of 3,280 | 4.0 h |" in rows["mnist-iwae-k50-2l"]
+    assert "| 300 | 4.0 h |" in rows["mnist-iwae-k5-1l"]
+
+
 def test_swap_runs_the_directions_given_and_keeps_the_other_result(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

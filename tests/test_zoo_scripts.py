@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
+from models.checkpoint import parse_card, read_metadata, with_card
 from training.datasets import data_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,13 +27,13 @@ def env(zoo: Path) -> dict[str, str]:
     return {**os.environ, "IWAE_REPO": str(ROOT), "IWAE_ZOO": str(zoo), "IWAE_PYTHON": sys.executable}
 
 
-def train_tiny(runs: Path, epochs: int, init_from: Path | None = None) -> None:
-    """A run of a 2-epoch plan on 200 images; with ``epochs=1`` its log stops at epoch 1, as if interrupted."""
-    args = ["--out", str(runs / "tiny.safetensors"), "--k", "5", "--epochs", "2", "--schedule", "constant-decay",
+def train_tiny(runs: Path, epochs: int, init_from: Path | None = None, plan: int = 2) -> None:
+    """A run of a ``plan``-epoch plan on 200 images; with ``epochs=1`` its log stops at epoch 1, as if interrupted."""
+    args = ["--out", str(runs / "tiny.safetensors"), "--k", "5", "--epochs", str(plan), "--schedule", "constant-decay",
             "--max-train-images", "200", "--threads", "1", "--no-progress", "--val-k", "5"]
     args += ["--init-from", str(init_from)] if init_from else []
     subprocess.run([sys.executable, "-m", "iwae_cli", "train", *args], check=True, cwd=ROOT, capture_output=True)
-    if epochs < 2:
+    if epochs < plan:
         log = runs / "tiny.log.jsonl"
         log.write_text(log.read_text().splitlines()[0] + "\n")
 
@@ -55,6 +56,28 @@ def test_finish_refuses_a_run_short_of_its_epochs(runs: Path, tmp_path: Path) ->
     result = finish(runs, tmp_path / "zoo")
     assert result.returncode == 2
     assert "has 1 of 2 epochs" in result.stderr
+    assert (runs / "tiny.safetensors").exists() and not (tmp_path / "zoo").exists()
+
+
+def test_finish_ships_a_stopped_run_only_when_asked_and_only_at_an_epoch_boundary(runs: Path, tmp_path: Path) -> None:
+    train_tiny(runs, epochs=1, plan=1)
+    ckpt = runs / "tiny.safetensors"
+    card = parse_card(read_metadata(ckpt.read_bytes()))
+    # A run of a longer plan stopped after its first epoch, as a paper-schedule run is (state: epoch 1, step 0).
+    ckpt.write_bytes(with_card(ckpt.read_bytes(), {"schedule": card["schedule"] | {"epochs": 3}}))
+    zoo, fast = tmp_path / "zoo", ("--max-images", "5", "--k", "5", "--au-images", "20")
+    refused = finish(runs, zoo, *fast)
+    assert refused.returncode == 2 and "has 1 of 3 epochs" in refused.stderr and "--stopped" in refused.stderr
+    result = finish(runs, zoo, "--stopped", *fast)
+    assert result.returncode == 0, result.stderr
+    shipped = parse_card(read_metadata((zoo / "tiny.safetensors").read_bytes()))
+    assert (shipped["epochs"], shipped["schedule"]["epochs"], shipped["eval"]["test"]["epochs_at_eval"]) == (1, 3, 1)
+
+
+def test_finish_refuses_a_stopped_run_whose_log_and_checkpoint_disagree(runs: Path, tmp_path: Path) -> None:
+    train_tiny(runs, epochs=1)  # the log says 1 epoch, the checkpoint and its state 2
+    result = finish(runs, tmp_path / "zoo", "--stopped")
+    assert result.returncode == 2 and "stopped mid-epoch or its log and checkpoint disagree" in result.stderr
     assert (runs / "tiny.safetensors").exists() and not (tmp_path / "zoo").exists()
 
 

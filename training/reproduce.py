@@ -200,13 +200,16 @@ def _lineage(card: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _fmt_epochs(card: dict[str, Any]) -> str:
     """"300 + 100" for a model trained on from another; "300 + 40 dreg" where a run used another gradient
-    estimator than the rest of the lineage (a model trained with one estimator throughout says so elsewhere)."""
+    estimator than the rest of the lineage (a model trained with one estimator throughout says so elsewhere);
+    "300 of 3,280" for a run shipped before the end of its schedule (``finish.sh --stopped``)."""
     runs = [c for c in _lineage(card) if c.get("epochs") is not None]
     mixed = len({c.get("estimator") for c in runs}) > 1
 
     def fmt(c: dict[str, Any]) -> str:
         other = mixed and c.get("estimator") not in (None, c.get("objective"))
-        return f"{c['epochs']} {c['estimator']}" if other else str(c["epochs"])
+        planned = (c.get("schedule") or {}).get("epochs")
+        epochs = f"{c['epochs']} of {planned:,}" if planned and planned > c["epochs"] else str(c["epochs"])
+        return f"{epochs} {c['estimator']}" if other else epochs
 
     return " + ".join(fmt(c) for c in runs)
 

@@ -1,10 +1,14 @@
 #!/bin/bash
 # Finish a zoo run (issue 10): evaluate it on the whole test set into its card, then move its weights to
 # models/zoo/ and its log to models/zoo/logs/ and delete its state file. Refuses while the run is still
-# training or short of its epochs, so a half-trained model never reaches the zoo.
-# usage: zoo-training/finish.sh NAME [EVAL ARGS...]   (extra args go to `iwae eval`, after the defaults)
+# training or short of its epochs, so a half-trained model never reaches the zoo. `--stopped` ships a run that
+# stopped short of its plan at an epoch boundary (the paper's 3,280-epoch schedule, run as far as time allowed):
+# its card's epochs and schedule say how far it got.
+# usage: zoo-training/finish.sh NAME [--stopped] [EVAL ARGS...]   (eval args go to `iwae eval`, after the defaults)
 set -euo pipefail
 name=$1; shift
+stopped=0
+if [[ ${1:-} == --stopped ]]; then stopped=1; shift; fi
 here="$(cd "$(dirname "$0")" && pwd)"
 repo="${IWAE_REPO:-$(dirname "$here")}"
 zoo="${IWAE_ZOO:-$repo/models/zoo}"
@@ -17,20 +21,30 @@ fi
 cd "$repo"  # the inline Python below imports the project
 # The trainer writes the log line after the checkpoint of that epoch, so the two agree on a finished run.
 # A continuation of the zoo's own NAME (extend.sh: init_from is NAME) extends that model's zoo log below.
-read -r done_epochs planned continues < <("$py" - "$ckpt" "$log" "$name.safetensors" "$zoo/logs/$name.log.jsonl" <<'EOF'
+read -r done_epochs planned continues boundary < <("$py" - "$ckpt" "$log" "$name.safetensors" "$zoo/logs/$name.log.jsonl" "$state" <<'EOF'
 import json, sys
 from pathlib import Path
 from models.checkpoint import parse_card, read_metadata
-from training.checkpoints import read_bytes
-ckpt, log, own, zoo_log = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], Path(sys.argv[4])
+from training.checkpoints import read_bytes, read_train_state_meta
+ckpt, log, own, zoo_log, state = (Path(a) for a in sys.argv[1:6])
 card = parse_card(read_metadata(read_bytes(ckpt), str(ckpt)), str(ckpt))
 last = json.loads(log.read_text().splitlines()[-1])["epoch"]
-continues = (card.get("init_from") or {}).get("from") == own and zoo_log.exists()
-print(min(card["epochs"], last), card["schedule"]["epochs"], int(continues))
+continues = (card.get("init_from") or {}).get("from") == own.name and zoo_log.exists()
+# Weights saved mid-epoch are ahead of the card's epoch count: only an epoch boundary can be shipped stopped.
+meta = read_train_state_meta(state) if state.exists() else {"epoch": card["epochs"], "step": 0}
+boundary = meta["step"] == 0 and meta["epoch"] == card["epochs"] == last
+print(min(card["epochs"], last), card["schedule"]["epochs"], int(continues), int(boundary))
 EOF
 )
 if (( done_epochs < planned )); then
-  echo "finish.sh: $name has $done_epochs of $planned epochs; resume it (zoo-training/run.sh or extend.sh)" >&2; exit 2
+  if (( ! stopped )); then
+    echo "finish.sh: $name has $done_epochs of $planned epochs; resume it (zoo-training/run.sh or extend.sh)," \
+      "or ship it as it is with --stopped" >&2; exit 2
+  fi
+  if (( ! boundary )); then
+    echo "finish.sh: $name stopped mid-epoch or its log and checkpoint disagree; resume it to the end of" \
+      "epoch $((done_epochs + 1)), then finish it with --stopped" >&2; exit 2
+  fi
 fi
 OMP_NUM_THREADS=1 "$py" -m "${IWAE_CLI_MODULE:-iwae_cli}" eval "$ckpt" --k 5000 --split test \
   --update-card --quantiles --threads 1 --no-progress "$@"
