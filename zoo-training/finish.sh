@@ -26,10 +26,11 @@ import json, sys
 from pathlib import Path
 from models.checkpoint import parse_card, read_metadata
 from training.checkpoints import read_bytes, read_train_state_meta
-ckpt, log, own, zoo_log, state = (Path(a) for a in sys.argv[1:6])
+ckpt, log, own, zoo_log = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], Path(sys.argv[4])
+state = Path(sys.argv[5])
 card = parse_card(read_metadata(read_bytes(ckpt), str(ckpt)), str(ckpt))
 last = json.loads(log.read_text().splitlines()[-1])["epoch"]
-continues = (card.get("init_from") or {}).get("from") == own.name and zoo_log.exists()
+continues = (card.get("init_from") or {}).get("from") == own and zoo_log.exists()
 # Weights saved mid-epoch are ahead of the card's epoch count: only an epoch boundary can be shipped stopped.
 meta = read_train_state_meta(state) if state.exists() else {"epoch": card["epochs"], "step": 0}
 boundary = meta["step"] == 0 and meta["epoch"] == card["epochs"] == last
