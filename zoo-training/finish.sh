@@ -21,13 +21,13 @@ fi
 cd "$repo"  # the inline Python below imports the project
 # The trainer writes the log line after the checkpoint of that epoch, so the two agree on a finished run.
 # A continuation of the zoo's own NAME (extend.sh: init_from is NAME) extends that model's zoo log below.
-read -r done_epochs planned continues boundary < <("$py" - "$ckpt" "$log" "$name.safetensors" "$zoo/logs/$name.log.jsonl" "$state" <<'EOF'
+read -r done_epochs planned continues boundary < <("$py" - "$ckpt" "$log" "$name.safetensors" "$zoo/logs/$name.log.jsonl" <<'EOF'
 import json, sys
 from pathlib import Path
 from models.checkpoint import parse_card, read_metadata
-from training.checkpoints import read_bytes, read_train_state_meta
+from training.checkpoints import read_bytes, read_train_state_meta, state_path
 ckpt, log, own, zoo_log = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], Path(sys.argv[4])
-state = Path(sys.argv[5])
+state = state_path(ckpt)
 card = parse_card(read_metadata(read_bytes(ckpt), str(ckpt)), str(ckpt))
 last = json.loads(log.read_text().splitlines()[-1])["epoch"]
 continues = (card.get("init_from") or {}).get("from") == own and zoo_log.exists()
