@@ -105,3 +105,19 @@ def test_finish_appends_a_continuation_to_the_log_of_the_run_it_continued(runs: 
     assert [r["epoch"] for r in records] == [1, 2, 3, 4]
     assert [r.get("run_epoch") for r in records] == [None, None, 1, 2]
     assert not list(runs.glob("tiny*.jsonl")) and not list(runs.glob("tiny*.safetensors"))
+
+
+def test_finish_as_ships_a_run_under_the_zoo_name_with_its_card_and_log_renamed(runs: Path, tmp_path: Path) -> None:
+    train_tiny(runs, epochs=2)
+    with safe_open(str(runs / "tiny.safetensors"), "pt") as f:
+        weights = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
+    zoo = tmp_path / "zoo"
+    assert finish(runs, zoo, "--as", "-bad").returncode == 2  # refused before any work: not a model name
+    result = finish(runs, zoo, "--as", "tiny-2l", "--max-images", "5", "--k", "5", "--au-images", "20")
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in zoo.rglob("*.*")) == ["tiny-2l.log.jsonl", "tiny-2l.safetensors"]
+    with safe_open(str(zoo / "tiny-2l.safetensors"), "pt") as f:
+        card = json.loads(f.metadata()["card"])
+        assert all(f.get_tensor(k).equal(v) for k, v in weights.items()) and set(f.keys()) == set(weights)
+    assert card["name"] == "tiny-2l" and card["eval"]["test"]["n_images"] == 5
+    assert not list(runs.glob("tiny*.safetensors"))

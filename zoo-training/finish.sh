@@ -3,12 +3,18 @@
 # models/zoo/ and its log to models/zoo/logs/ and delete its state file. Refuses while the run is still
 # training or short of its epochs, so a half-trained model never reaches the zoo. `--stopped` ships a run that
 # stopped short of its plan at an epoch boundary (the paper's 3,280-epoch schedule, run as far as time allowed):
-# its card's epochs and schedule say how far it got.
-# usage: zoo-training/finish.sh NAME [--stopped] [EVAL ARGS...]   (eval args go to `iwae eval`, after the defaults)
+# its card's epochs and schedule say how far it got. `--as ZOONAME` ships it under another name (its card's name too),
+# for a run named for how it was trained (mnist-iwae-k50-2l-paper) that takes the place of the zoo's model.
+# usage: zoo-training/finish.sh NAME [--stopped] [--as ZOONAME] [EVAL ARGS...]   (eval args go to `iwae eval`)
 set -euo pipefail
 name=$1; shift
 stopped=0
 if [[ ${1:-} == --stopped ]]; then stopped=1; shift; fi
+dest=$name
+if [[ ${1:-} == --as ]]; then
+  [[ ${2:-} =~ ^[A-Za-z0-9][A-Za-z0-9._-]*$ ]] || { echo "finish.sh: --as needs a model name ([A-Za-z0-9._-])" >&2; exit 2; }
+  dest=$2; shift 2
+fi
 here="$(cd "$(dirname "$0")" && pwd)"
 repo="${IWAE_REPO:-$(dirname "$here")}"
 zoo="${IWAE_ZOO:-$repo/models/zoo}"
@@ -21,7 +27,7 @@ fi
 cd "$repo"  # the inline Python below imports the project
 # The trainer writes the log line after the checkpoint of that epoch, so the two agree on a finished run.
 # A continuation of the zoo's own NAME (extend.sh: init_from is NAME) extends that model's zoo log below.
-read -r done_epochs planned continues boundary < <("$py" - "$ckpt" "$log" "$name.safetensors" "$zoo/logs/$name.log.jsonl" <<'EOF'
+read -r done_epochs planned continues boundary < <("$py" - "$ckpt" "$log" "$dest.safetensors" "$zoo/logs/$dest.log.jsonl" <<'EOF'
 import json, sys
 from pathlib import Path
 from models.checkpoint import parse_card, read_metadata
@@ -49,11 +55,22 @@ if (( done_epochs < planned )); then
 fi
 OMP_NUM_THREADS=1 "$py" -m "${IWAE_CLI_MODULE:-iwae_cli}" eval "$ckpt" --k 5000 --split test \
   --update-card --quantiles --threads 1 --no-progress "$@"
+if [[ $dest != "$name" ]]; then
+  # The zoo, the results table and the figures find a model's log and Table 1 row by the card's name.
+  "$py" - "$ckpt" "$dest" <<'EOF'
+import sys
+from pathlib import Path
+from models.checkpoint import with_card
+from training.files import atomic_write_bytes
+ckpt = Path(sys.argv[1])
+atomic_write_bytes(ckpt, with_card(ckpt.read_bytes(), {"name": sys.argv[2]}))
+EOF
+fi
 mkdir -p "$zoo/logs"
 if (( continues )); then
   # Appended to the log of the run it continued, numbered on from it ("run_epoch" keeps its own count), so the
   # log and the training curves cover the whole training.
-  "$py" - "$log" "$zoo/logs/$name.log.jsonl" <<'EOF'
+  "$py" - "$log" "$zoo/logs/$dest.log.jsonl" <<'EOF'
 import json, sys
 from pathlib import Path
 from training.files import atomic_write_bytes
@@ -66,9 +83,9 @@ atomic_write_bytes(zoo_log, (before + added).encode())
 EOF
   rm "$log"
 else
-  mv "$log" "$zoo/logs/$name.log.jsonl"
+  mv "$log" "$zoo/logs/$dest.log.jsonl"
 fi
-mv "$ckpt" "$zoo/$name.safetensors"
+mv "$ckpt" "$zoo/$dest.safetensors"
 rm -f "$state"
-echo "finish.sh: $name is in $zoo. Next: iwae reproduce results --out-dir models/zoo;" \
+echo "finish.sh: $name is in $zoo as $dest. Next: iwae reproduce results --out-dir models/zoo;" \
   "iwae reproduce figures --out-dir models/zoo --figures docs/figures; the README's table."
