@@ -57,14 +57,8 @@ OMP_NUM_THREADS=1 "$py" -m "${IWAE_CLI_MODULE:-iwae_cli}" eval "$ckpt" --k 5000 
   --update-card --quantiles --threads 1 --no-progress "$@"
 if [[ $dest != "$name" ]]; then
   # The zoo, the results table and the figures find a model's log and Table 1 row by the card's name.
-  "$py" - "$ckpt" "$dest" <<'EOF'
-import sys
-from pathlib import Path
-from models.checkpoint import with_card
-from training.files import atomic_write_bytes
-ckpt = Path(sys.argv[1])
-atomic_write_bytes(ckpt, with_card(ckpt.read_bytes(), {"name": sys.argv[2]}))
-EOF
+  "$py" -c 'import sys, pathlib, training.checkpoints as c; c.update_card(pathlib.Path(sys.argv[1]), {"name": sys.argv[2]})' \
+    "$ckpt" "$dest"
 fi
 mkdir -p "$zoo/logs"
 if (( continues )); then
