@@ -189,7 +189,7 @@ def _fmt_wall(seconds: float) -> str:
     return f"{seconds / 60:.0f} min" if seconds < 2 * 3600 else f"{seconds / 3600:.1f} h"
 
 
-def _lineage(card: dict[str, Any]) -> list[dict[str, Any]]:
+def lineage(card: dict[str, Any]) -> list[dict[str, Any]]:
     """The cards of the runs that made a model, first run first (``--init-from`` chains: the swap, a continued
     run), as far as each card kept a summary of the one it started from."""
     chain = [card]
@@ -202,7 +202,7 @@ def _fmt_epochs(card: dict[str, Any]) -> str:
     """"300 + 100" for a model trained on from another; "300 + 40 dreg" where a run used another gradient
     estimator than the rest of the lineage (a model trained with one estimator throughout says so elsewhere);
     "300 of 3,280" for a run shipped before the end of its schedule (``finish.sh --stopped``)."""
-    runs = [c for c in _lineage(card) if c.get("epochs") is not None]
+    runs = [c for c in lineage(card) if c.get("epochs") is not None]
     mixed = len({c.get("estimator") for c in runs}) > 1
 
     def fmt(c: dict[str, Any]) -> str:
@@ -216,7 +216,7 @@ def _fmt_epochs(card: dict[str, Any]) -> str:
 
 def _total_wall(card: dict[str, Any]) -> float:
     """Training seconds of every run in the lineage whose card recorded them."""
-    return sum(c.get("wall_time_s") or 0 for c in _lineage(card))
+    return sum(c.get("wall_time_s") or 0 for c in lineage(card))
 
 
 def _table_row(name: str, card: dict[str, Any], paper: str) -> str:
