@@ -27,6 +27,12 @@ EVAL_KEYS = ("loglik", "loglik_stderr", "elbo", "active_units", "k", "n_images",
 TEST_IMAGES = {"mnist": 10_000, "omniglot": 13_180}
 
 
+def _scheduled_runs(card: dict) -> list[dict]:
+    """The runs that made a model (extend.sh continues one) whose cards record their schedule: the summaries of
+    some older base runs lack it; the shipped card itself always has one (TRAINING_KEYS)."""
+    return [run for run in lineage(card) if "schedule" in run]
+
+
 def test_the_default_model_ships() -> None:
     assert ZOO / "mnist-iwae-k50-1l.safetensors" in SHIPPED
 
@@ -40,8 +46,7 @@ def test_shipped_checkpoint_loads_with_a_complete_card(ckpt: Path) -> None:
     # Only the paper's 3,280-epoch schedule may ship stopped short (zoo-training/finish.sh --stopped), and then at
     # an epoch boundary that its card, the results table and the README state; so may a run a model was continued
     # from (extend.sh).
-    # (The summaries of some older base runs lack a schedule; the shipped card itself always has one.)
-    for run in [r for r in lineage(card) if "schedule" in r]:
+    for run in _scheduled_runs(card):
         stopped = run["epochs"] < run["schedule"]["epochs"]
         assert not stopped or run["schedule"]["name"] == "paper", f"{run['name']}: shipped runs finish their schedule"
         assert 0 < run["epochs"] <= run["schedule"]["epochs"] and run["epochs"] == int(run["epochs"]), run["name"]
@@ -62,7 +67,7 @@ def test_the_readme_table_shows_each_shipped_models_card(ckpt: Path) -> None:
     cells = [c.strip() for c in rows[0].split("|")]
     assert cells[2] == f"{-test['loglik']:.2f} ± {test['loglik_stderr']:.2f}", rows[0]
     assert cells[3] == "+".join(map(str, test["active_units"])), rows[0]
-    for run in [r for r in lineage(card) if "schedule" in r]:
+    for run in _scheduled_runs(card):
         if run["epochs"] < run["schedule"]["epochs"]:
             assert f"{run['epochs']} of its {run['schedule']['epochs']:,} epochs" in cells[1], rows[0]
 
