@@ -72,8 +72,9 @@ def test_results_table_lists_models_outside_table1_with_what_the_paper_says(tmp_
 def test_results_table_counts_the_epochs_and_hours_of_a_continued_model(tmp_path: Path) -> None:
     first = {"name": "mnist-iwae-k50-1l", "epochs": 300, "wall_time_s": 8 * 3600.0}
     _fake_card(tmp_path, "mnist-iwae-k50-1l", 85.9, epochs=100, wall_time_s=3600.0, init_from={"card": first})
-    _fake_card(tmp_path, "swap-vae-to-iwae-k50", 86.8, epochs=10, wall_time_s=600.0,
-               init_from={"card": {"epochs": 300}})  # a card from before the summary kept the wall time
+    _fake_card(
+        tmp_path, "swap-vae-to-iwae-k50", 86.8, epochs=10, wall_time_s=600.0, init_from={"card": {"epochs": 300}}
+    )  # a card from before the summary kept the wall time
     rows = {line.split(" | ")[0][2:]: line for line in table1_markdown(tmp_path).splitlines()[2:]}
     assert "| 300 + 100 | 9.0 h | test-cpu | 84.78 (25) |" in rows["mnist-iwae-k50-1l"]
     assert "| 300 + 10 | 10 min |" in rows["swap-vae-to-iwae-k50"]

@@ -186,8 +186,9 @@ def test_init_from_starts_from_the_given_weights(tmp_path: Path) -> None:
         data,
     )
     assert card["init_from"]["from"] == "base.safetensors" and card["init_from"]["card"]["objective"] == "vae"
-    again = train(TrainConfig(out=tmp_path / "again.safetensors", k=5, epochs=1, val_k=5, progress=False,
-                              init_from=tuned), data)
+    again = train(
+        TrainConfig(out=tmp_path / "again.safetensors", k=5, epochs=1, val_k=5, progress=False, init_from=tuned), data
+    )
     lineage = again["init_from"]["card"]  # the base's summary keeps its own base's, for the results table
     assert lineage["epochs"] == 1 and lineage["init_from"]["card"]["objective"] == "vae"
     assert lineage["wall_time_s"] == card["wall_time_s"]
@@ -324,11 +325,35 @@ def test_a_stop_signal_saves_the_state_mid_epoch(tmp_path: Path, sig: signal.Sig
     """`kill` (SIGTERM) and `kill -INT` on a background run stop it like Ctrl-C: state saved at the current step.
     The child starts with SIGINT ignored, as a shell's background job does."""
     out = tmp_path / "run.safetensors"
-    cmd = [sys.executable, "-m", "iwae_cli", "train", "--out", str(out), "--k", "50", "--epochs", "1",
-           "--max-train-images", "40000", "--threads", "1", "--checkpoint-minutes", "60", "--val-k", "5"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "iwae_cli",
+        "train",
+        "--out",
+        str(out),
+        "--k",
+        "50",
+        "--epochs",
+        "1",
+        "--max-train-images",
+        "40000",
+        "--threads",
+        "1",
+        "--checkpoint-minutes",
+        "60",
+        "--val-k",
+        "5",
+    ]
     with (tmp_path / "stderr").open("w+") as err:
-        proc = subprocess.Popen(cmd, stderr=err, stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1],
-                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+        proc = subprocess.Popen(
+            cmd,
+            stderr=err,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=Path(__file__).parents[1],
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+        )
         try:
             deadline = time.monotonic() + 120
             while not re.search(r"\d+it/s", (tmp_path / "stderr").read_text()) and time.monotonic() < deadline:

@@ -29,8 +29,23 @@ def env(zoo: Path) -> dict[str, str]:
 
 def train_tiny(runs: Path, epochs: int, init_from: Path | None = None, plan: int = 2) -> None:
     """A run of a ``plan``-epoch plan on 200 images; with ``epochs=1`` its log stops at epoch 1, as if interrupted."""
-    args = ["--out", str(runs / "tiny.safetensors"), "--k", "5", "--epochs", str(plan), "--schedule", "constant-decay",
-            "--max-train-images", "200", "--threads", "1", "--no-progress", "--val-k", "5"]
+    args = [
+        "--out",
+        str(runs / "tiny.safetensors"),
+        "--k",
+        "5",
+        "--epochs",
+        str(plan),
+        "--schedule",
+        "constant-decay",
+        "--max-train-images",
+        "200",
+        "--threads",
+        "1",
+        "--no-progress",
+        "--val-k",
+        "5",
+    ]
     args += ["--init-from", str(init_from)] if init_from else []
     subprocess.run([sys.executable, "-m", "iwae_cli", "train", *args], check=True, cwd=ROOT, capture_output=True)
     if epochs < plan:
@@ -39,8 +54,9 @@ def train_tiny(runs: Path, epochs: int, init_from: Path | None = None, plan: int
 
 
 def finish(runs: Path, zoo: Path, *extra: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["bash", str(runs / "finish.sh"), "tiny", *extra], env=env(zoo), cwd=ROOT,
-                          capture_output=True, text=True)
+    return subprocess.run(
+        ["bash", str(runs / "finish.sh"), "tiny", *extra], env=env(zoo), cwd=ROOT, capture_output=True, text=True
+    )
 
 
 @pytest.fixture

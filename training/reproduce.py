@@ -199,9 +199,9 @@ def lineage(card: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _fmt_epochs(card: dict[str, Any]) -> str:
-    """"300 + 100" for a model trained on from another; "300 + 40 dreg" where a run used another gradient
-    estimator than the rest of the lineage (a model trained with one estimator throughout says so elsewhere);
-    "300 of 3,280" for a run shipped before the end of its schedule (``finish.sh --stopped``)."""
+    """The epochs column: "300 + 100" for a model trained on from another; "300 + 40 dreg" where a run used
+    another gradient estimator than the rest of the lineage (a model trained with one estimator throughout says so
+    elsewhere); "300 of 3,280" for a run shipped before the end of its schedule (``finish.sh --stopped``)."""
     runs = [c for c in lineage(card) if c.get("epochs") is not None]
     mixed = len({c.get("estimator") for c in runs}) > 1
 

@@ -227,4 +227,16 @@ def _initial_state(cfg: TrainConfig, data: Dataset, schedule: Schedule) -> tuple
 
 
 # init_from too, so that a model continued from a continued model keeps its whole lineage.
-_CARD_SUMMARY = ("name", "objective", "k", "estimator", "epochs", "schedule", "seed", "wall_time_s", "hardware", "eval", "init_from")
+_CARD_SUMMARY = (
+    "name",
+    "objective",
+    "k",
+    "estimator",
+    "epochs",
+    "schedule",
+    "seed",
+    "wall_time_s",
+    "hardware",
+    "eval",
+    "init_from",
+)
