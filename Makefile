@@ -24,10 +24,12 @@ browser:
 
 test: venv browser
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q tests
 
 lint: venv
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 serve: venv
 	$(BIN)/iwae serve
