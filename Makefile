@@ -22,9 +22,7 @@ browser:
 	  (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium) || \
 	  echo "could not install chromium: the browser test will be skipped"
 
-test: venv browser
-	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
+test: lint browser
 	$(BIN)/python -m pytest -q tests
 
 lint: venv
